@@ -1,0 +1,33 @@
+"""Test set-up: 8 fake CPU devices (set before jax is imported) and the shared-data locator."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib
+
+import pytest
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+  """Path under ../shared; skip (or fail when CI=true) if it is absent."""
+  p = SHARED.joinpath(*parts)
+  if not p.exists():
+    msg = (f"{p} not found: the shared data folder must sit beside the repository "
+           "(../shared). See README 'Tests'.")
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg + " CI=true, so this is a failure, not a skip.")
+    pytest.skip(msg)
+  return p
+
+
+@pytest.fixture
+def pneumonia_npz() -> pathlib.Path:
+  return shared_path("data", "pneumonia_cxr_128", "pneumonia_cxr_128.npz")
+
+
+@pytest.fixture
+def kvasir_dir() -> pathlib.Path:
+  return shared_path("data", "kvasir_seg_256")

@@ -1,0 +1,151 @@
+"""The config schema shared by every file in configs/, argument strings, and validation.
+
+A config file defines `get_config(arg=None)` and usually starts from `base_config()`. The optional
+`arg` (``--config configs/x.py:ARG``) is a comma list of preset names and dotted overrides:
+``:smoke``, ``:peft.type=dora,peft.rank=4``, ``:smoke,seed=1``.
+"""
+from __future__ import annotations
+
+import ast
+import json
+from typing import Any, Callable, Mapping
+
+import ml_collections as mlc
+
+from tpp_jax.models.peft import PEFT_TYPES
+
+STAGES = ("pretrain", "tpp", "finetune", "linear", "full", "eval", "pipeline")
+PRETEXTS = ("mae", "dino")
+TASKS = ("classification", "segmentation")
+SOURCES = ("npz", "seg_folder", "class_folder", "tfds", "jpeg_npz")
+INIT_FORMATS = ("auto", "timm", "hf_vit", "hf_vit_mae", "hf_dinov2", "big_vision", "tpp", "none")
+
+
+class ConfigError(ValueError):
+  """A user mistake in the config; main prints the message without a traceback."""
+
+
+def base_config() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.stage = "finetune"
+  c.seed = 0
+  c.seeds = mlc.FieldReference(1, field_type=int)  # pipeline: number of seeds (seed, seed+1, ...)
+
+  c.model = mlc.ConfigDict(dict(
+      variant="Ti/16", image_size=224, channels=3, pooling="cls", pos_emb="learned",
+      ln_eps=1e-6, layer_scale=False, drop_path=0.0, dropout=0.0, dtype="float32"))
+  # Backbone weights: path to a .pth / .safetensors / .npz (format auto-detected), or a tpp_jax
+  # `pretrain` workdir (format 'tpp'), or '' for random init.
+  c.init = mlc.ConfigDict(dict(path="", format="auto", load_decoder=True))
+  c.peft = mlc.ConfigDict(dict(
+      type="lora", rank=8, alpha=8.0, dropout=0.0, targets="q,v", rslora=False,
+      adapter_dim=8, adapter_scale=0.1, num_prompts=10, deep=False, prompt_dropout=0.0))
+  c.pretext = mlc.ConfigDict(dict(
+      type="mae", mask_ratio=0.75, norm_pix_loss=True,
+      decoder_width=128, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512,
+      # DINO
+      dino_out_dim=1024, dino_hidden_dim=512, dino_bottleneck_dim=128, teacher_momentum=0.996,
+      teacher_temp=0.04, student_temp=0.1, center_momentum=0.9, local_crops=0, local_crop_size=32))
+  c.task = mlc.ConfigDict(dict(
+      type="classification", num_classes=2, label_smoothing=0.0, class_weights=False,
+      head="linear",             # linear | bn_linear (linear-probe baseline)
+      seg_decoder_dim=64, dice_weight=1.0))
+  c.data = mlc.ConfigDict(dict(
+      source="npz", path="", image_size=224, channels=3, mean=(0.5,), std=(0.5,),
+      augment=mlc.ConfigDict(dict(crop_scale=(0.7, 1.0), hflip=True, vflip=False, rotate=0.0, intensity=0.0)),
+      balance=False, tfds_name="", tfds_data_dir="", val_count=1000,
+      max_train_examples=0, max_eval_examples=0))
+  c.optim = mlc.ConfigDict(dict(
+      lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=20, min_lr_ratio=0.01,
+      layer_decay=1.0))
+  c.steps = 200
+  c.batch_size = 64
+  c.eval_every = 100
+  c.eval_batch_size = 128
+  c.log_every = 10
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+  c.best_metric = ""           # e.g. 'auc' or 'dice'; '' = task default
+  c.train_extra = ()           # regexes of backbone leaves to train too (finetune/tpp)
+  c.target_init = ""           # a TPP workdir whose target parameters start the fine-tune
+  c.eval_splits = ("val", "test")
+  c.progress = True
+  c.distributed = False        # call jax.distributed.initialize() (multi-host)
+  c.fsdp = False               # shard large params over the data axis
+  # pipeline: sub-configs overrides applied to the tpp / finetune arms
+  c.pipeline = mlc.ConfigDict(dict(tpp_steps=200, tpp_lr=1e-3, tpp_batch_size=64, report=True))
+  return c
+
+
+def apply_overrides(config: mlc.ConfigDict, overrides: Mapping[str, Any]) -> mlc.ConfigDict:
+  """Dotted-key overrides ('peft.rank': 4); unknown keys raise ConfigError naming valid ones."""
+  for key, value in overrides.items():
+    node, parts = config, key.split(".")
+    for part in parts[:-1]:
+      if part not in node:
+        raise ConfigError(f"Unknown config key {key!r}: {part!r} not in {sorted(node.keys())}.")
+      node = node[part]
+    if parts[-1] not in node:
+      raise ConfigError(f"Unknown config key {key!r}; valid keys here: {sorted(node.keys())}.")
+    node[parts[-1]] = value
+  return config
+
+
+def parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_arg(config: mlc.ConfigDict, arg: str | None,
+              presets: Mapping[str, Callable[[mlc.ConfigDict], None]] | None = None) -> mlc.ConfigDict:
+  """Apply a config-string argument: comma list of preset names and key=value overrides."""
+  presets = presets or {}
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if "=" in token:
+      k, v = token.split("=", 1)
+      apply_overrides(config, {k.strip(): parse_value(v.strip())})
+    elif token in presets:
+      presets[token](config)
+    else:
+      raise ConfigError(f"Unknown config argument {token!r}; presets: {sorted(presets)}, or use key=value.")
+  return config
+
+
+def _choice(name: str, value: Any, valid) -> None:
+  if value not in valid:
+    raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}.")
+
+
+def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
+  """Checks enums and cross-field consistency; raises ConfigError with the field and the fix."""
+  _choice("stage", c.stage, STAGES)
+  _choice("peft.type", c.peft.type, PEFT_TYPES)
+  _choice("pretext.type", c.pretext.type, PRETEXTS)
+  _choice("task.type", c.task.type, TASKS)
+  _choice("task.head", c.task.head, ("linear", "bn_linear"))
+  _choice("data.source", c.data.source, SOURCES)
+  _choice("init.format", c.init.format, INIT_FORMATS)
+  _choice("model.pooling", c.model.pooling, ("cls", "gap"))
+  _choice("model.dtype", c.model.dtype, ("float32", "bfloat16"))
+  if c.data.image_size != c.model.image_size:
+    raise ConfigError(f"data.image_size={c.data.image_size} differs from model.image_size={c.model.image_size}; "
+                      "set both to the same value (images are resized to data.image_size).")
+  if c.data.channels != c.model.channels:
+    raise ConfigError(f"data.channels={c.data.channels} differs from model.channels={c.model.channels}; "
+                      "set both (grey images are repeated to 3 channels when data.channels=3).")
+  if not 0.0 < c.pretext.mask_ratio < 1.0:
+    raise ConfigError(f"pretext.mask_ratio={c.pretext.mask_ratio} must be in (0, 1).")
+  if c.task.num_classes < 2:
+    raise ConfigError(f"task.num_classes={c.task.num_classes} must be >= 2 (binary segmentation: 2).")
+  for f in ("steps", "batch_size", "eval_batch_size", "log_every"):
+    if int(c[f]) <= 0:
+      raise ConfigError(f"{f}={c[f]} must be positive.")
+  if c.stage not in ("pipeline",) and c.target_init and c.stage != "finetune":
+    raise ConfigError(f"target_init is only used by stage 'finetune' (stage is {c.stage!r}); clear it.")
+  return c
+
+
+def to_json(c: mlc.ConfigDict) -> str:
+  return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=str)

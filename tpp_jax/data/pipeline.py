@@ -1,0 +1,282 @@
+"""grain input pipelines: sharded shuffled training iterator, padded eval batches.
+
+``build_sources(data_cfg)`` turns the ``data`` config block into one source per
+split; the fields (all optional but ``path`` / ``tfds_name``; missing ones
+fall back to defaults) are documented in ``tpp_jax.data.config``:
+
+  source        'npz' | 'seg_folder' | 'class_folder' | 'tfds' | 'jpeg_npz'
+  path          .npz file or data folder
+  image_size    S (224); channels 1 | 3 (3); mean, std per channel (0.5)
+  augment       crop_scale (lo, hi) | None, crop_ratio, hflip, vflip,
+                rotate (degrees), intensity
+  balance       class-balanced training sampling (False)
+  tfds_name, tfds_data_dir, tfds_{image,label,mask}_key, tfds_splits
+  val_count     'jpeg_npz' validation images (1000)
+  prefetch      batches prefetched by the training iterator (2)
+
+Batches are dicts of numpy arrays: ``image`` float32 (B, S, S, C) and
+``label`` int32 (B,) or ``mask`` int32 (B, S, S); eval batches add ``valid``
+bool (B,).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import grain
+import numpy as np
+
+from tpp_jax.data import config as config_lib
+from tpp_jax.data import sources as sources_lib
+
+Record = dict[str, Any]
+Transform = Callable[[Record, np.random.Generator], Record]
+
+__all__ = ['train_iter', 'eval_batches', 'build_sources', 'class_weights',
+           'balanced_probabilities']
+
+
+class _RandomMap(grain.transforms.RandomMap):
+  """Wraps ``fn(record, rng)`` as a grain RandomMap (picklable if fn is)."""
+
+  def __init__(self, fn: Transform):
+    self.fn = fn
+
+  def random_map(self, element, rng: np.random.Generator):
+    return self.fn(element, rng)
+
+  def __repr__(self) -> str:
+    return f'RandomMap({self.fn!r})'
+
+
+class _Lookup(grain.transforms.Map):
+  """index -> source[index]."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def map(self, element):
+    return self.source[int(element)]
+
+
+class _WeightedIndex(grain.transforms.RandomMap):
+  """Ignores the element; draws an index with probabilities given by cdf."""
+
+  def __init__(self, cdf: np.ndarray):
+    self.cdf = cdf
+
+  def random_map(self, element, rng: np.random.Generator):
+    del element
+    i = int(np.searchsorted(self.cdf, rng.random() * self.cdf[-1],
+                            side='right'))
+    return min(i, len(self.cdf) - 1)
+
+
+class _Subset:
+  """Random-access view ``source[indices[i]]``, optional ``valid`` flags."""
+
+  def __init__(self, source, indices: np.ndarray, num_valid: int | None = None):
+    self.source, self.indices, self.num_valid = source, indices, num_valid
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> Record:
+    rec = self.source[int(self.indices[i])]
+    if self.num_valid is not None:
+      rec = dict(rec)
+      rec['valid'] = np.bool_(i < self.num_valid)
+    return rec
+
+
+def _shard_indices(n: int, shard_index: int, shard_count: int) -> np.ndarray:
+  if shard_count < 1 or not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} must be in '
+                     f'[0, shard_count={shard_count}).')
+  return np.arange(shard_index, n, shard_count)
+
+
+def class_weights(source: Any, num_classes: int | None = None) -> np.ndarray:
+  """Inverse-frequency class weights ``N / (K * n_c)``, float32 (K,).
+
+  Their mean over the training examples is 1 (so a weighted loss keeps its
+  scale); K counts the classes present. Absent classes get weight 0.
+  """
+  labels = sources_lib.source_labels(source)
+  k = num_classes or getattr(source, 'num_classes', None) or (
+      int(labels.max()) + 1 if len(labels) else 0)
+  counts = np.bincount(labels, minlength=k).astype(np.float64)
+  present = counts > 0
+  weights = np.zeros(len(counts), np.float64)
+  weights[present] = len(labels) / (present.sum() * counts[present])
+  return weights.astype(np.float32)
+
+
+def balanced_probabilities(labels: np.ndarray) -> np.ndarray:
+  """Per-example sampling probabilities that make every class equally likely."""
+  labels = np.asarray(labels, np.int64)
+  counts = np.bincount(labels)
+  p = 1.0 / counts[labels]
+  return p / p.sum()
+
+
+def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
+               shard_index: int = 0, shard_count: int = 1,
+               balance: bool = False, prefetch: int = 2,
+               num_threads: int = 1) -> grain.DatasetIterator:
+  """Endless shuffled, augmented, batched training iterator (grain).
+
+  Pipeline: source -> this host's shard ``[shard_index::shard_count]`` ->
+  seeded shuffle (a new order each epoch) -> repeat forever -> random_map
+  (``transform(record, rng)``, a per-example rng derived from seed and
+  position) -> batch (drop remainder) -> in-process prefetch. With
+  ``balance=True`` each example is instead drawn i.i.d. from the shard with
+  probability inversely proportional to its class frequency (deterministic
+  given the seed).
+
+  Args:
+    source: random-access source (``__len__`` / ``__getitem__``).
+    transform: ``fn(record, rng) -> record`` (e.g. ``make_transform``).
+    batch_size: per-host batch size.
+    seed: pipeline seed (order, sampling and augmentation).
+    shard_index: this host's index (``jax.process_index()``).
+    shard_count: number of hosts (``jax.process_count()``).
+    balance: class-balanced sampling (classification sources only).
+    prefetch: batches read ahead by the background thread.
+    num_threads: reader threads (1 is fastest on small CPUs).
+
+  Returns:
+    A ``grain.DatasetIterator`` of batch dicts; ``get_state()`` /
+    ``set_state()`` resume exactly.
+  """
+  indices = _shard_indices(len(source), shard_index, shard_count)
+  if len(indices) < batch_size:
+    raise ValueError(
+        f'shard {shard_index}/{shard_count} has {len(indices)} examples, fewer '
+        f'than batch_size={batch_size}; lower batch_size.')
+  shard = _Subset(source, indices)
+  if balance:
+    labels = sources_lib.source_labels(source)[indices]
+    cdf = np.cumsum(balanced_probabilities(labels))
+    ds = (grain.MapDataset.range(len(shard)).seed(seed).repeat(None)
+          .random_map(_WeightedIndex(cdf)).map(_Lookup(shard)))
+  else:
+    ds = grain.MapDataset.source(shard).seed(seed).shuffle().repeat(None)
+  ds = ds.random_map(_RandomMap(transform))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=prefetch))
+  return iter(ds)
+
+
+def num_eval_batches(n: int, batch_size: int, shard_count: int = 1) -> int:
+  """Batches every shard yields in ``eval_batches`` (equal across shards)."""
+  return max(1, math.ceil(math.ceil(n / shard_count) / batch_size))
+
+
+def eval_batches(source: Any, transform: Transform, batch_size: int,
+                 shard_index: int = 0, shard_count: int = 1,
+                 prefetch: int = 2) -> Iterator[Record]:
+  """Deterministic batches over this shard of the whole split, in order.
+
+  Every batch has exactly ``batch_size`` rows; the tail is padded by
+  repeating the last example and ``valid`` (bool (B,)) marks real rows. All
+  shards yield the same number of batches (``num_eval_batches``) so hosts
+  stay in lock-step. ``transform`` is called with ``rng=None``.
+  """
+  n = len(source)
+  if n == 0:
+    raise ValueError('eval_batches: the source is empty.')
+  indices = _shard_indices(n, shard_index, shard_count)
+  total = num_eval_batches(n, batch_size, shard_count) * batch_size
+  last = indices[-1] if len(indices) else n - 1
+  padded = np.concatenate(
+      [indices, np.full(total - len(indices), last, indices.dtype)])
+  view = _Subset(source, padded, num_valid=len(indices))
+  ds = (grain.MapDataset.source(view)
+        .map(lambda rec: transform(rec, None))
+        .batch(batch_size, drop_remainder=True)
+        .to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                           prefetch_buffer_size=prefetch)))
+  yield from ds
+
+
+def _tfds_splits(cfg: config_lib.DataConfig) -> dict[str, str]:
+  if cfg.tfds_splits:
+    return dict(cfg.tfds_splits)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir,
+                           file_format='array_record')
+    names = list(builder.info.splits.keys())
+  except Exception:  # pylint: disable=broad-except
+    names = ['train']  # TfdsSource raises the clear error.
+  return {('val' if s == 'validation' else s): s for s in names}
+
+
+def build_sources(data_cfg: Any, num_classes: int | None = None
+                  ) -> dict[str, Any]:
+  """One source per split found in the data, keyed 'train' / 'val' / 'test'.
+
+  Args:
+    data_cfg: the ``data`` config block (ConfigDict or dict).
+    num_classes: ``task.num_classes`` if known; labels / mask values outside
+      ``[0, num_classes)`` raise a clear error.
+
+  Returns:
+    dict split -> source.
+  """
+  cfg = config_lib.resolve(data_cfg)
+  kind = cfg.source
+  if kind == 'npz':
+    p = sources_lib._check_exists(  # pylint: disable=protected-access
+        cfg.path, 'data.path', 'a MedMNIST-style .npz file')
+    if p.is_dir():
+      raise ValueError(f'data.path: {p} is a folder; data.source=npz needs a '
+                       '.npz file.')
+    try:
+      with np.load(p, allow_pickle=False) as npz:
+        keys = set(npz.files)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'data.path: {p} is not a readable .npz file ({e}).'
+                       ) from e
+    splits = [s for s in ('train', 'val', 'test')
+              if f'{s}_images' in keys and f'{s}_labels' in keys]
+    if not splits:
+      raise ValueError(f'data.path: {p} has no {{split}}_images / '
+                       f'{{split}}_labels pairs (keys: {sorted(keys)}).')
+    return {s: sources_lib.NpzSource(p, s, num_classes=num_classes)
+            for s in splits}
+  if kind == 'seg_folder':
+    root = sources_lib._check_exists(  # pylint: disable=protected-access
+        cfg.path, 'data.path', 'a folder with images/, masks/ and split.csv')
+    csv_path = root / 'split.csv'
+    if not csv_path.exists():
+      raise FileNotFoundError(f'data.path: {csv_path} not found; '
+                              'data.source=seg_folder needs split.csv.')
+    import csv  # pylint: disable=g-import-not-at-top
+    with open(csv_path, newline='') as f:
+      found = {r.get('split') for r in csv.DictReader(f)}
+    splits = [s for s in ('train', 'val', 'test') if s in found] + sorted(
+        s for s in found if s and s not in ('train', 'val', 'test'))
+    return {s: sources_lib.SegFolderSource(root, s, num_classes=num_classes)
+            for s in splits}
+  if kind == 'class_folder':
+    root = sources_lib._check_exists(  # pylint: disable=protected-access
+        cfg.path, 'data.path', 'a folder root/<split>/<class_name>/*.png')
+    found = sorted(d.name for d in root.iterdir()
+                   if d.is_dir() and not d.name.startswith('.'))
+    mapping = {('val' if s == 'validation' else s): s for s in found}
+    return {k: sources_lib.ClassFolderSource(root, s, num_classes=num_classes)
+            for k, s in mapping.items()}
+  if kind == 'tfds':
+    return {k: sources_lib.TfdsSource(
+        cfg.tfds_name, s, data_dir=cfg.tfds_data_dir,
+        image_key=cfg.tfds_image_key, label_key=cfg.tfds_label_key,
+        mask_key=cfg.tfds_mask_key, num_classes=num_classes)
+            for k, s in _tfds_splits(cfg).items()}
+  if kind == 'jpeg_npz':
+    return {s: sources_lib.JpegNpzSource(cfg.path, s, val_count=cfg.val_count)
+            for s in ('train', 'val')}
+  raise ValueError(f'data.source={kind!r} is not one of '
+                   f'{list(config_lib.SOURCES)}.')

@@ -1,0 +1,231 @@
+"""Numpy/PIL transforms on one record, driven by an ``np.random.Generator``.
+
+Geometric transforms (resize, random-resized-crop, flips, rotation) act
+jointly on ``record['image']`` (bilinear) and ``record['mask']`` (nearest) so
+that segmentation masks stay aligned. Records are never modified in place
+(sources may hand out cached, read-only arrays).
+
+``make_transform(data_cfg, train)`` builds the full per-example function
+``fn(record, rng) -> record`` whose output has ``image`` float32 (S, S, C) and
+``label`` int32 scalar or ``mask`` int32 (S, S).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from tpp_jax.data import config as config_lib
+
+Record = dict[str, Any]
+
+# ITU-R BT.601 luma weights.
+LUMA_601 = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  if image.ndim == 3 and image.shape[-1] == 1:
+    return Image.fromarray(image[..., 0])
+  return Image.fromarray(image)
+
+
+def _from_pil(img: Image.Image, channels: int) -> np.ndarray:
+  arr = np.asarray(img)
+  return arr[..., None] if channels == 1 and arr.ndim == 2 else arr
+
+
+def _resize_pair(record: Record, size: int,
+                 box: Sequence[float] | None = None) -> Record:
+  """Resizes (the ``box`` crop of) image and mask to ``size`` x ``size``."""
+  image = record['image']
+  out = dict(record)
+  h, w = image.shape[:2]
+  if box is None and (h, w) == (size, size):
+    return out
+  box = tuple(float(b) for b in box) if box is not None else None
+  out['image'] = _from_pil(
+      _to_pil(image).resize((size, size), Image.BILINEAR, box=box),
+      image.shape[-1])
+  if 'mask' in record:
+    out['mask'] = np.asarray(
+        Image.fromarray(record['mask']).resize((size, size), Image.NEAREST,
+                                               box=box))
+  return out
+
+
+def resize(record: Record, size: int) -> Record:
+  """Resizes image (PIL bilinear) and mask (nearest) to ``size`` x ``size``."""
+  return _resize_pair(record, size)
+
+
+def crop_box(rng: np.random.Generator, height: int, width: int,
+             scale: tuple[float, float],
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)
+             ) -> tuple[float, float, float, float]:
+  """A random-resized-crop box (left, top, right, bottom), torchvision rule."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw = int(round(math.sqrt(target * aspect)))
+    ch = int(round(math.sqrt(target / aspect)))
+    if 0 < cw <= width and 0 < ch <= height:
+      top = int(rng.integers(0, height - ch + 1))
+      left = int(rng.integers(0, width - cw + 1))
+      return left, top, left + cw, top + ch
+  # Fallback: central crop with the aspect ratio clipped to ``ratio``.
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    cw, ch = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    ch, cw = height, int(round(height * ratio[1]))
+  else:
+    cw, ch = width, height
+  top, left = (height - ch) // 2, (width - cw) // 2
+  return left, top, left + cw, top + ch
+
+
+def random_resized_crop(record: Record, rng: np.random.Generator, size: int,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Record:
+  """Crops a random area fraction in ``scale`` / aspect in ``ratio``, resizes."""
+  h, w = record['image'].shape[:2]
+  return _resize_pair(record, size, crop_box(rng, h, w, scale, ratio))
+
+
+def hflip(record: Record, rng: np.random.Generator, p: float = 0.5) -> Record:
+  """Flips image and mask left-right with probability ``p``."""
+  if rng.random() >= p:
+    return record
+  return {k: (v[:, ::-1] if k in ('image', 'mask') else v)
+          for k, v in record.items()}
+
+
+def vflip(record: Record, rng: np.random.Generator, p: float = 0.5) -> Record:
+  """Flips image and mask top-bottom with probability ``p``."""
+  if rng.random() >= p:
+    return record
+  return {k: (v[::-1] if k in ('image', 'mask') else v)
+          for k, v in record.items()}
+
+
+def rotate(record: Record, rng: np.random.Generator, degrees: float) -> Record:
+  """Rotates image (bilinear) and mask (nearest) by U(-degrees, degrees).
+
+  Corners uncovered by the rotation are filled with 0 (mask: background).
+  """
+  if degrees <= 0:
+    return record
+  angle = float(rng.uniform(-degrees, degrees))
+  out = dict(record)
+  image = np.ascontiguousarray(record['image'])
+  out['image'] = _from_pil(
+      _to_pil(image).rotate(angle, resample=Image.BILINEAR, fillcolor=0),
+      image.shape[-1])
+  if 'mask' in record:
+    out['mask'] = np.asarray(
+        Image.fromarray(np.ascontiguousarray(record['mask'])).rotate(
+            angle, resample=Image.NEAREST, fillcolor=0))
+  return out
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """(H, W, C) -> (H, W, channels): grey->RGB by repeat, RGB->grey by luma."""
+  c = image.shape[-1]
+  if c == channels:
+    return image
+  if c == 1 and channels == 3:
+    return np.repeat(image, 3, axis=-1)
+  if c == 3 and channels == 1:
+    grey = image.astype(np.float32) @ LUMA_601
+    if image.dtype == np.uint8:
+      grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+    return grey[..., None]
+  raise ValueError(f'cannot convert a {c}-channel image to {channels} '
+                   'channels; images must have 1 or 3 channels.')
+
+
+def intensity_jitter(image: np.ndarray, rng: np.random.Generator,
+                     strength: float) -> np.ndarray:
+  """Random contrast then brightness factors in [1 - s, 1 + s] on 0..255."""
+  x = image.astype(np.float32)
+  if strength <= 0:
+    return x
+  contrast = rng.uniform(1 - strength, 1 + strength)
+  brightness = rng.uniform(1 - strength, 1 + strength)
+  mean = x.mean()
+  x = (x - mean) * np.float32(contrast) + mean
+  return np.clip(x * np.float32(brightness), 0.0, 255.0)
+
+
+def normalize(image: np.ndarray, mean: Sequence[float],
+              std: Sequence[float]) -> np.ndarray:
+  """float32 ``(x / 255 - mean) / std`` with per-channel mean/std."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  scale = np.float32(1 / 255) / std
+  return image.astype(np.float32) * scale - mean / std
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordTransform:
+  """Picklable ``fn(record, rng) -> record`` (see ``make_transform``)."""
+  image_size: int
+  channels: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  train: bool = False
+  augment: config_lib.Augment = config_lib.Augment()
+
+  def __call__(self, record: Record,
+               rng: np.random.Generator | None = None) -> Record:
+    aug = self.augment
+    if self.train and rng is None:
+      raise ValueError('the training transform needs an np.random.Generator.')
+    if self.train and aug.crop_scale is not None:
+      record = random_resized_crop(record, rng, self.image_size,
+                                   aug.crop_scale, aug.crop_ratio)
+    else:
+      record = resize(record, self.image_size)
+    if self.train:
+      if aug.hflip:
+        record = hflip(record, rng)
+      if aug.vflip:
+        record = vflip(record, rng)
+      if aug.rotate > 0:
+        record = rotate(record, rng, aug.rotate)
+    image = to_channels(record['image'], self.channels)
+    if self.train and aug.intensity > 0:
+      image = intensity_jitter(image, rng, aug.intensity)
+    out = {'image': normalize(image, self.mean, self.std)}
+    if 'mask' in record:
+      out['mask'] = np.ascontiguousarray(record['mask'], dtype=np.int32)
+    if 'label' in record:
+      out['label'] = np.int32(record['label'])
+    for k, v in record.items():  # pass through extra keys (e.g. 'valid')
+      if k not in ('image', 'mask', 'label'):
+        out[k] = v
+    return out
+
+
+def make_transform(data_cfg: Any, train: bool) -> RecordTransform:
+  """Per-example transform from the ``data`` config.
+
+  Args:
+    data_cfg: the ``data`` block (ConfigDict / dict; see
+      ``tpp_jax.data.config``): image_size, channels, mean, std, augment.
+    train: random augmentation (crop/flips/rotation/intensity) when True;
+      otherwise deterministic resize + channels + normalise.
+
+  Returns:
+    ``fn(record, rng) -> record`` with ``image`` float32 (S, S, C) and
+    ``label`` int32 or ``mask`` int32 (S, S).
+  """
+  cfg = config_lib.resolve(data_cfg)
+  return RecordTransform(image_size=cfg.image_size, channels=cfg.channels,
+                         mean=cfg.mean, std=cfg.std, train=bool(train),
+                         augment=cfg.augment)

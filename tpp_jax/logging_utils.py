@@ -1,0 +1,52 @@
+"""metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow) and progress bars."""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+from tqdm.auto import tqdm
+
+
+class MetricsLogger:
+  """Appends `{"step", "stage", "split", ...}` lines to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: pathlib.Path, stage: str, enabled: bool = True):
+    self.stage, self.enabled = stage, enabled
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+      except ImportError:  # optional
+        self.tb = None
+
+  def log(self, step: int, split: str, values: dict, **extra):
+    if not self.enabled:
+      return
+    row = {"step": int(step), "stage": self.stage, "split": split}
+    for k, v in {**values, **extra}.items():
+      if isinstance(v, (int, float)):
+        row[k] = float(v) if math.isfinite(float(v)) else None
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in row.items():
+        if k not in ("step", "stage", "split") and v is not None:
+          self.tb.add_scalar(f"{split}/{k}", v, step)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def progress(iterable, desc: str, enabled: bool = True, **kw):
+  """A tqdm bar (step, loss, images/s, ETA) on stderr; a plain iterator when disabled."""
+  return tqdm(iterable, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, **kw)
+
+
+def read_jsonl(path) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

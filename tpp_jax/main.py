@@ -1,0 +1,76 @@
+"""CLI: python -m tpp_jax.main --config configs/NAME.py[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+
+Dispatches on config.stage: pretrain | tpp | finetune | linear | full (the training engine),
+eval (metrics of a saved run's best/latest checkpoint), pipeline (TPP vs plain PEFT + report).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (created; an existing run resumes).")
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError)
+
+
+def run(config, workdir: str) -> dict:
+  from tpp_jax import config as config_lib
+  config_lib.validate(config)
+  if config.stage == "pipeline":
+    from tpp_jax import pipeline
+    return pipeline.run(config, workdir)
+  if config.stage == "eval":
+    from tpp_jax import evaluate
+    return evaluate.run(config, workdir)
+  from tpp_jax import engine
+  return engine.train(config, workdir)
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}; overrides look like --config.seed=1.")
+  if not _WORKDIR.value:
+    _fail("--workdir is required (the run's output folder).")
+  from tpp_jax.engine import TrainingError
+  try:
+    cfg = _CONFIG.value
+    if cfg is None:
+      _fail("--config is required, e.g. --config configs/default.py")
+    if jax_distributed_requested(cfg):
+      import jax
+      jax.distributed.initialize()
+    run(cfg, _WORKDIR.value)
+  except (TrainingError,) + USER_ERRORS as e:
+    if os.environ.get("TPP_DEBUG"):
+      raise
+    _fail(f"{type(e).__name__}: {e}  (set TPP_DEBUG=1 for the traceback)")
+
+
+def jax_distributed_requested(cfg) -> bool:
+  return bool(cfg.get("distributed", False))
+
+
+def _fail(msg: str):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def entry():
+  # config_flags raises on unknown --config.x keys / bad values while flags are parsed: show one line.
+  try:
+    app.run(main)
+  except SystemExit:
+    raise
+  except Exception as e:  # noqa: BLE001 - last resort so users never get a traceback wall for bad input
+    if not os.environ.get("TPP_DEBUG") and isinstance(e, (flags.Error, AttributeError, ValueError, KeyError, TypeError, FileNotFoundError)):
+      _fail(f"{type(e).__name__}: {e}")
+    raise
+
+
+if __name__ == "__main__":
+  entry()

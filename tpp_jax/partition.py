@@ -1,0 +1,108 @@
+"""Parameter partition: ordered (regex, label) rules over '/'-joined paths -> optax.multi_transform.
+
+Labels:
+  frozen    not trained (optax.set_to_zero, no optimizer state)
+  target    PEFT ("target") parameters: trained in `tpp` and `finetune`
+  head      pretext head (MAE decoder, DINO head) or task head
+  backbone  backbone weights trained in `pretrain` / `full`
+
+The top level of the parameter tree is {'encoder': ViT, 'decoder' | 'dino_head' | 'head': ...}.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+import optax
+
+LABELS = ("frozen", "target", "head", "backbone")
+STAGES_TRAIN = ("pretrain", "tpp", "finetune", "linear", "full")
+
+# Leaves added by PEFT methods (see models/peft.py).
+TARGET_RE = r"^encoder/(.*/)?(lora_a|lora_b|dora_m|ssf_scale|ssf_shift|prompts)$|^encoder/.*/(adapter_attn|adapter_mlp|adaptformer)/"
+FIXED_POS_RE = r"^(encoder|decoder)/pos_embed$"  # sin-cos position embeddings stay fixed (MAE)
+
+Rules = Sequence[tuple[str, str]]
+
+
+def path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def flat_paths(tree) -> list[str]:
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def default_rules(stage: str, peft_type: str = "none", fixed_pos_emb: bool = False,
+                  train_extra: Iterable[str] = ()) -> list[tuple[str, str]]:
+  """The partition of a stage (DESIGN.md §1). `train_extra`: regexes of backbone leaves to train too."""
+  if stage not in STAGES_TRAIN:
+    raise ValueError(f"No partition for stage {stage!r}; trainable stages are {STAGES_TRAIN}.")
+  rules: list[tuple[str, str]] = []
+  if fixed_pos_emb:
+    rules.append((FIXED_POS_RE, "frozen"))
+  if stage in ("pretrain", "full"):
+    rules += [(r"^encoder/", "backbone"), (r"^(decoder|head|dino_head)/", "head" if stage == "full" else "backbone")]
+    return rules + [(r".*", "frozen")]
+  heads = r"^(decoder|dino_head|proj_head)/" if stage == "tpp" else r"^head/"
+  rules.append((heads, "head"))
+  if stage != "linear":
+    rules.append((TARGET_RE, "target"))
+    if peft_type == "bitfit":
+      rules.append((r"^encoder/.*/bias$", "target"))
+  rules += [(rx, "target") for rx in train_extra]
+  rules.append((r"^encoder/", "frozen"))
+  return rules
+
+
+def label_tree(params, rules: Rules):
+  """Same-structure tree of labels; the first matching rule wins; an unmatched leaf is an error."""
+  compiled = [(re.compile(rx), lab) for rx, lab in rules]
+  for _, lab in rules:
+    if lab not in LABELS:
+      raise ValueError(f"Partition label {lab!r} is not one of {LABELS}.")
+
+  def label(path, _):
+    p = path_str(path)
+    for rx, lab in compiled:
+      if rx.search(p):
+        return lab
+    raise ValueError(f"Parameter {p!r} matches no partition rule; add a (regex, label) rule for it. "
+                     f"Rules: {[rx for rx, _ in rules]}")
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(labels, tx_trainable: optax.GradientTransformation) -> optax.GradientTransformation:
+  """One optimizer for every trainable label, set_to_zero for frozen (no state for frozen leaves)."""
+  present = set(jax.tree_util.tree_leaves(labels))
+  transforms = {lab: (optax.set_to_zero() if lab == "frozen" else tx_trainable) for lab in present}
+  return optax.multi_transform(transforms, labels)
+
+
+def param_counts(params, labels) -> dict[str, int]:
+  """{'total', 'trainable', 'target', 'head', 'backbone', 'frozen'} parameter counts."""
+  counts = {lab: 0 for lab in LABELS}
+  for leaf, lab in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(labels)):
+    counts[lab] += int(np.prod(np.shape(leaf)))
+  total = sum(counts.values())
+  return {"total": total, "trainable": total - counts["frozen"], **counts}
+
+
+def format_counts(c: dict[str, int]) -> str:
+  """Like peft's print_trainable_parameters()."""
+  pct = 100.0 * c["trainable"] / max(c["total"], 1)
+  return (f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {pct:.4f} "
+          f"(target {c['target']:,}, head {c['head']:,}, backbone {c['backbone']:,})")
+
+
+def subtree(params, labels, keep: str):
+  """Nested dict holding only the leaves labelled `keep` (e.g. the target parameters)."""
+  def visit(p, l):
+    if isinstance(p, dict):
+      out = {k: visit(p[k], l[k]) for k in p}
+      return {k: v for k, v in out.items() if v is not None and v != {}}
+    return p if l == keep else None
+  return visit(dict(params), dict(labels)) or {}
