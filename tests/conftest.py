@@ -31,3 +31,24 @@ def pneumonia_npz() -> pathlib.Path:
 @pytest.fixture
 def kvasir_dir() -> pathlib.Path:
   return shared_path("data", "kvasir_seg_256")
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None):
+  """get_config(arg) of configs/NAME.py, as `--config configs/NAME.py:ARG` would."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def run_cli(args, cwd=None, timeout=600):
+  """Run `python -m tpp_jax.main ARGS` in a fresh process (8 fake CPU devices)."""
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "tpp_jax.main", *args], cwd=cwd or ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)

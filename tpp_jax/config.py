@@ -64,6 +64,7 @@ def base_config() -> mlc.ConfigDict:
   c.eval_batch_size = 128
   c.log_every = 10
   c.checkpoint_every = 100
+  c.stop_after = 0             # stop (with a checkpoint) after this step; rerun resumes (0 = off)
   c.keep_checkpoints = 2
   c.best_metric = ""           # e.g. 'auc' or 'dice'; '' = task default
   c.train_extra = ()           # regexes of backbone leaves to train too (finetune/tpp)

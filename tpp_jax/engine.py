@@ -33,7 +33,7 @@ from tpp_jax.logging_utils import MetricsLogger, progress
 
 ConfigError = config_lib.ConfigError
 # Config fields that may change between a run and its resumption in the same workdir.
-RESUMABLE_FIELDS = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "keep_checkpoints",
+RESUMABLE_FIELDS = ("steps", "stop_after", "eval_every", "checkpoint_every", "log_every", "progress", "keep_checkpoints",
                     "eval_splits", "eval_batch_size")
 
 
@@ -158,8 +158,9 @@ def make_tx(config, labels):
 # Sharding
 # ------------------------------------------------------------------------------------------------
 
-def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all devices (or the given ones); the batch is split on its 'data' axis."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
 
 
 def state_shardings(state, mesh: Mesh, fsdp: bool):
@@ -184,11 +185,16 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 class _Subset:
+  """A fixed random subset (seed 0, same for every run) of a source: quick runs keep class balance."""
+
   def __init__(self, source, n):
     self.source, self.n = source, min(n, len(source))
-    for a in ("num_classes", "class_names"):
+    self.index = np.sort(np.random.default_rng(0).permutation(len(source))[:self.n])
+    for a in ("num_classes", "class_names", "task"):
       if hasattr(source, a):
         setattr(self, a, getattr(source, a))
+    if getattr(source, "labels", None) is not None:
+      self.labels = np.asarray(source.labels)[self.index]
 
   def __len__(self):
     return self.n
@@ -196,7 +202,7 @@ class _Subset:
   def __getitem__(self, i):
     if not 0 <= i < self.n:
       raise IndexError(i)
-    return self.source[i]
+    return self.source[int(self.index[i])]
 
 
 def _two_views(fn):
@@ -223,13 +229,13 @@ def check_workdir(config, workdir: pathlib.Path):
 class Trainer:
   """Builds everything for one stage from a config; .run() trains (or resumes) and evaluates."""
 
-  def __init__(self, config: mlc.ConfigDict, workdir: str | os.PathLike):
+  def __init__(self, config: mlc.ConfigDict, workdir: str | os.PathLike, devices=None):
     self.config = config = config_lib.validate(config)
     if config.stage in ("eval", "pipeline"):
       raise ConfigError(f"stage {config.stage!r} is not a training stage; use main.py / pipeline.py.")
     self.workdir = pathlib.Path(workdir).absolute()
-    self.mesh = make_mesh()
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+    self.mesh = make_mesh(devices)
+    n_dev, n_proc = self.mesh.devices.size, jax.process_count()
     for f in ("batch_size", "eval_batch_size"):
       if int(config[f]) % n_dev:
         raise ConfigError(f"{f}={config[f]} must be a multiple of the device count ({n_dev}).")
@@ -294,7 +300,7 @@ class Trainer:
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       aux = obj.after_step(params, aux, step)
-      mets = {**mets, "update_norm": optax.global_norm(updates), "lr": schedule(step)}
+      mets = {**mets, "update_norm": optax.tree.norm(updates), "lr": schedule(step)}
       return {"step": step + 1, "params": params, "opt_state": opt_state, "aux": aux}, mets
 
     def eval_step(params, aux, batch):
@@ -349,7 +355,8 @@ class Trainer:
     steps, log_every = int(c.steps), int(c.log_every)
     t_start, timed_steps, t_timed = time.time(), 0, 0.0
     best = None
-    bar = progress(range(start, steps), desc=c.stage, enabled=bool(c.progress) and is_main, initial=start,
+    stop = min(steps, int(c.stop_after)) if c.stop_after else steps
+    bar = progress(range(start, stop), desc=c.stage, enabled=bool(c.progress) and is_main, initial=start,
                    total=steps)
     mets = None
     for step in bar:
@@ -357,7 +364,7 @@ class Trainer:
       t0 = time.time()
       self.state, mets = self.train_step(self.state, global_batch(batch, self.mesh), self.base_rng)
       done = step + 1
-      if done % log_every == 0 or done == steps:
+      if done % log_every == 0 or done == stop:
         mets = jax.device_get(mets)
         dt = time.time() - t0
         if step > start:  # the first step includes compilation
@@ -375,6 +382,12 @@ class Trainer:
         best = self._eval_and_keep_best(done, logger, store, best)
       if c.checkpoint_every and done % int(c.checkpoint_every) == 0 and done != steps:
         store.save(done, self.state, {"data_iter": it.get_state()})
+    if stop < steps:  # a deliberate stop (stop_after): checkpoint and leave; rerun to resume
+      store.save(stop, self.state, {"data_iter": it.get_state()}, force=True)
+      store.close()
+      logger.close()
+      print(f"Stopped at step {stop} of {steps} (stop_after); rerun the same command to resume.")
+      return {"stage": c.stage, "stopped_at": stop}
     if mets is not None and jax.device_get(self.state["step"]) == steps:
       store.save(steps, self.state, {"data_iter": it.get_state()}, force=True)
     final = {}

@@ -103,6 +103,6 @@ def subtree(params, labels, keep: str):
   def visit(p, l):
     if isinstance(p, dict):
       out = {k: visit(p[k], l[k]) for k in p}
-      return {k: v for k, v in out.items() if v is not None and v != {}}
+      return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
     return p if l == keep else None
   return visit(dict(params), dict(labels)) or {}

@@ -20,6 +20,9 @@ checkpoint's values. When the checkpoint's patch grid differs from `vit_cfg.grid
 of the position embedding is resampled with torch's `F.interpolate(mode='bicubic',
 align_corners=False, antialias=False)` kernel, which is what HF ViT / ViTMAE / Dinov2 and the MAE
 fine-tuning code do (timm's own resampling uses antialias=True and differs slightly when shrinking).
+An MAE decoder's position embedding is resampled the same 2D way (HF's decoder instead stretches the
+flattened sequence in 1D, so decoder outputs at a new resolution differ from HF's by design).
+Not supported (reported as unexpected keys): register tokens, qk-norm, SwiGLU MLPs, BEiT biases.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import numpy as np
 from tpp_jax.models.vit import VARIANTS, ViTConfig
 
 FORMATS = ("timm", "hf_vit", "hf_vit_mae", "hf_dinov2", "big_vision")
-_STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+_PREFIXES = re.compile(r"^(?:(?:module|backbone|_orig_mod)\.|params/)+")  # DDP, DINO, torch.compile, big_vision
 _WRAPPERS = ("model", "state_dict", "teacher")
 
 
@@ -50,7 +53,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
       or 'teacher' dict is unwrapped), `.safetensors` or `.npz` (big_vision).
 
   Returns:
-    Flat dict with 'module.' / 'backbone.' / '_orig_mod.' prefixes stripped.
+    Flat dict with 'module.' / 'backbone.' (and '_orig_mod.', 'params/') prefixes stripped.
   """
   path = pathlib.Path(path)
   if not path.exists():
@@ -87,12 +90,7 @@ def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
 def _clean(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
   out = {}
   for k, v in sd.items():
-    changed = True
-    while changed:
-      changed = False
-      for p in _STRIP_PREFIXES:
-        if k.startswith(p):
-          k, changed = k[len(p):], True
+    k = _PREFIXES.sub("", k)
     if hasattr(v, "detach"):  # a torch tensor (e.g. model.state_dict() passed directly)
       v = v.detach().float().cpu().numpy()
     out[k] = np.asarray(v).astype(np.float32, copy=False)
@@ -105,7 +103,7 @@ def _clean(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def detect_format(state_dict: Mapping[str, Any]) -> str:
   """Returns one of FORMATS from the key names (a ViTMAE encoder alone reads as 'hf_vit')."""
-  keys = list(_clean_keys(state_dict))
+  keys = [_PREFIXES.sub("", k) for k in state_dict]
   if any(k.startswith(("Transformer/", "embedding/")) for k in keys):
     return "big_vision"
   if any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
@@ -118,14 +116,6 @@ def detect_format(state_dict: Mapping[str, Any]) -> str:
     return "hf_vit"
   raise ValueError(f"Cannot tell the checkpoint format from its keys (first: {keys[:5]}); set init.format to "
                    f"one of {FORMATS}.")
-
-
-def _clean_keys(sd):
-  for k in sd:
-    k = re.sub(r"^params/", "", k)
-    for p in _STRIP_PREFIXES:
-      k = k[len(p):] if k.startswith(p) else k
-    yield k
 
 
 # Block internals of every torch layout -> (our module path, kind).
@@ -241,17 +231,17 @@ def _map_big_vision(sd):
       sd[key.replace("encoderblock/", f"encoderblock_{i}/")] = x[i]
   out, left = {}, []
   for key, x in sd.items():
-    name = re.sub(r"^params/", "", key)
-    if name in _BV_PARAMS:
-      out[("enc", _BV_PARAMS[name])] = (x, key)
+    if key in _BV_PARAMS:
+      out[("enc", _BV_PARAMS[key])] = (x, key)
       continue
-    m = re.fullmatch(r"Transformer/encoderblock_(\d+)/(.+)", name)
+    m = re.fullmatch(r"Transformer/encoderblock_(\d+)/(.+)", key)
     for pattern, target, reshape in _BV_BLOCK if m else ():
       mm = re.fullmatch(pattern, m.group(2))
       if mm:
-        if reshape == "in":    # query/key/value kernel (D, H, hd) -> (D, H*hd); bias (H, hd) -> (H*hd,)
-          x = x.reshape(x.shape[0], -1) if x.ndim == 3 else x.reshape(-1)
-        elif reshape == "out" and x.ndim == 3:  # out kernel (H, hd, D) -> (H*hd, D)
+        kernel = key.endswith("kernel")
+        if reshape == "in":  # query/key/value kernel (D, H, hd) -> (D, H*hd); bias (H, hd) -> (H*hd,)
+          x = x.reshape(x.shape[0], -1) if kernel else x.reshape(-1)
+        elif reshape == "out" and kernel:  # out kernel (H, hd, D) -> (H*hd, D)
           x = x.reshape(-1, x.shape[-1])
         out[("enc", f"blocks_{int(m.group(1))}/" + mm.expand(target))] = (x, key)
         break
@@ -439,20 +429,20 @@ def _report(cfg: ViTConfig, fmt: str, arch: dict, missing, unexpected, mismatche
   diff = {k: v for k, v in arch.items() if k in ("width", "depth", "heads", "mlp_dim", "patch", "channels",
                                                   "layer_scale") and getattr(cfg, k) != v}
   if diff:
-    variant = next((n for n, (w, d, _, m) in VARIANTS.items()
-                    if (w, d, m) == (arch.get("width"), arch.get("depth"), arch.get("mlp_dim"))), None)
-    named = ("width", "depth", "mlp_dim", "patch") + (("heads",) if arch.get("heads") == VARIANTS.get(variant, [0] * 3)[2] else ())
-    sets = [f"model.{k}={v}" for k, v in diff.items() if not variant or k not in named]
-    if variant and "patch" in arch:
-      sets.insert(0, f"model.variant='{variant}/{arch['patch']}'")
+    def fits(w, d, h, m):
+      return (w, d, m) == (arch.get("width"), arch.get("depth"), arch.get("mlp_dim")) and arch.get("heads", h) == h
+    variant = next((f"{n}/{arch['patch']}" for n, v in VARIANTS.items() if "patch" in arch and fits(*v)), None)
+    by_variant = ("width", "depth", "heads", "mlp_dim", "patch") if variant else ()
+    sets = [f"model.variant='{variant}'"] if variant else []
+    sets += [f"model.{k}={v}" for k, v in diff.items() if k not in by_variant]
     fix.append("the checkpoint looks like " + ", ".join(f"{k}={v}" for k, v in arch.items() if k != "image_size")
                + (f" (trained at image_size={arch['image_size']})" if "image_size" in arch else "")
                + "; set " + ", ".join(sets)
                + ("" if "heads" in arch else " (model.heads must match too: torch weights do not store it)"))
   if not fix:
     fix.append(f"check init.format (got {fmt!r}; valid {FORMATS}) and that init.path is a ViT checkpoint")
-  return (f"Checkpoint ({fmt}) does not fit the model (width={cfg.width}, depth={cfg.depth}, mlp_dim={cfg.mlp_dim}, "
-          f"patch={cfg.patch}, channels={cfg.channels}, layer_scale={cfg.layer_scale}):"
+  return (f"Checkpoint ({fmt}) does not fit the model (width={cfg.width}, depth={cfg.depth}, heads={cfg.heads}, "
+          f"mlp_dim={cfg.mlp_dim}, patch={cfg.patch}, channels={cfg.channels}, layer_scale={cfg.layer_scale}):"
           + block("missing in the checkpoint", missing) + block("unexpected in the checkpoint", unexpected)
           + block("shape mismatches", mismatched) + "\n  Fix: " + "; ".join(fix) + ".")
 

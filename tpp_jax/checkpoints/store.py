@@ -30,6 +30,8 @@ class CheckpointStore:
     return self.latest.latest_step()
 
   def save(self, step: int, state: dict, meta: dict, force: bool = False):
+    if step in self.latest.all_steps():  # already saved (e.g. a periodic save at the same step)
+      return
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)), force=force)
 

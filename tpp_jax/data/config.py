@@ -39,7 +39,7 @@ DEFAULTS = dict(source='npz', path='', image_size=224, channels=3, mean=None,
 
 
 def lookup(cfg: Any, name: str, default: Any = None) -> Any:
-  """``cfg.a.b`` for a ConfigDict / dict / object; None or missing -> default."""
+  """``cfg.a.b`` of a ConfigDict / dict / object; None or missing -> default."""
   node = cfg
   for key in name.split('.'):
     if node is None:
@@ -108,10 +108,12 @@ def _pair(value: Any, field: str) -> tuple[float, float]:
 
 
 def resolve(data_cfg: Any) -> DataConfig:
-  """Fills defaults into ``data_cfg`` (ConfigDict, dict or None) and validates."""
+  """Fills defaults into ``data_cfg`` (ConfigDict / dict / None); validates."""
   if isinstance(data_cfg, DataConfig):
     return data_cfg
-  get = lambda name: lookup(data_cfg, name, lookup(DEFAULTS, name))  # pylint: disable=unnecessary-lambda-assignment
+  def get(name):
+    return lookup(data_cfg, name, lookup(DEFAULTS, name))
+
   source = str(get('source'))
   if source not in SOURCES:
     raise ValueError(f'data.source={source!r} is not one of {list(SOURCES)}.')
@@ -141,7 +143,8 @@ def resolve(data_cfg: Any) -> DataConfig:
   if not 0 < crop_ratio[0] <= crop_ratio[1]:
     raise ValueError(f'data.augment.crop_ratio={crop_ratio} must satisfy '
                      '0 < lo <= hi.')
-  rotate, intensity = float(get('augment.rotate')), float(get('augment.intensity'))
+  rotate = float(get('augment.rotate'))
+  intensity = float(get('augment.intensity'))
   if rotate < 0 or intensity < 0 or intensity >= 1:
     raise ValueError('data.augment.rotate must be >= 0 degrees and '
                      'data.augment.intensity in [0, 1); got '

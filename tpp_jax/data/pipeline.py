@@ -1,4 +1,4 @@
-"""grain input pipelines: sharded shuffled training iterator, padded eval batches.
+"""grain pipelines: sharded shuffled training iterator, padded eval batches.
 
 ``build_sources(data_cfg)`` turns the ``data`` config block into one source per
 split; the fields (all optional but ``path`` / ``tfds_name``; missing ones
@@ -123,7 +123,8 @@ def balanced_probabilities(labels: np.ndarray) -> np.ndarray:
 def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
                shard_index: int = 0, shard_count: int = 1,
                balance: bool = False, prefetch: int = 2,
-               num_threads: int = 1) -> grain.DatasetIterator:
+               num_threads: int = 1,
+               num_workers: int = 0) -> grain.DatasetIterator:
   """Endless shuffled, augmented, batched training iterator (grain).
 
   Pipeline: source -> this host's shard ``[shard_index::shard_count]`` ->
@@ -144,6 +145,9 @@ def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
     balance: class-balanced sampling (classification sources only).
     prefetch: batches read ahead by the background thread.
     num_threads: reader threads (1 is fastest on small CPUs).
+    num_workers: > 0 adds grain multiprocessing prefetch with that many
+      spawned workers (needs a ``__main__`` guard and parsed absl flags; the
+      source and transform must be picklable, as ours are).
 
   Returns:
     A ``grain.DatasetIterator`` of batch dicts; ``get_state()`` /
@@ -166,6 +170,8 @@ def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(ds)
 
 
@@ -229,7 +235,7 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
   cfg = config_lib.resolve(data_cfg)
   kind = cfg.source
   if kind == 'npz':
-    p = sources_lib._check_exists(  # pylint: disable=protected-access
+    p = sources_lib.check_path(
         cfg.path, 'data.path', 'a MedMNIST-style .npz file')
     if p.is_dir():
       raise ValueError(f'data.path: {p} is a folder; data.source=npz needs a '
@@ -248,7 +254,7 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
     return {s: sources_lib.NpzSource(p, s, num_classes=num_classes)
             for s in splits}
   if kind == 'seg_folder':
-    root = sources_lib._check_exists(  # pylint: disable=protected-access
+    root = sources_lib.check_path(
         cfg.path, 'data.path', 'a folder with images/, masks/ and split.csv')
     csv_path = root / 'split.csv'
     if not csv_path.exists():
@@ -262,7 +268,7 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
     return {s: sources_lib.SegFolderSource(root, s, num_classes=num_classes)
             for s in splits}
   if kind == 'class_folder':
-    root = sources_lib._check_exists(  # pylint: disable=protected-access
+    root = sources_lib.check_path(
         cfg.path, 'data.path', 'a folder root/<split>/<class_name>/*.png')
     found = sorted(d.name for d in root.iterdir()
                    if d.is_dir() and not d.name.startswith('.'))

@@ -30,14 +30,14 @@ SEGMENTATION = 'segmentation'
 
 __all__ = [
     'NpzSource', 'SegFolderSource', 'ClassFolderSource', 'TfdsSource',
-    'JpegNpzSource', 'source_labels', 'IMAGE_EXTENSIONS',
+    'JpegNpzSource', 'source_labels', 'check_path', 'IMAGE_EXTENSIONS',
 ]
 
 
 # ----------------------------------------------------------------------------
 # Shared helpers.
 # ----------------------------------------------------------------------------
-def _check_exists(path: os.PathLike | str | None, field: str,
+def check_path(path: os.PathLike | str | None, field: str,
                   what: str) -> pathlib.Path:
   """Returns ``path`` as a Path, or raises naming the config field."""
   if path is None or str(path) == '':
@@ -70,8 +70,9 @@ def _as_uint8(x: np.ndarray, where: str) -> np.ndarray:
       raise ValueError(f'{where}: integer values outside 0..255 '
                        f'(dtype {x.dtype}); store images as uint8.')
     return x.astype(np.uint8)
-  raise ValueError(f'{where}: images must be uint8 0..255, got dtype {x.dtype}.'
-                   ' Store them as uint8 (e.g. (x * 255).round().astype(uint8)).')
+  raise ValueError(f'{where}: images must be uint8 0..255, got dtype '
+                   f'{x.dtype}. Store them as uint8, e.g. '
+                   '(x * 255).round().astype(uint8).')
 
 
 def _pil_to_array(img: Image.Image, where: str) -> np.ndarray:
@@ -171,7 +172,7 @@ class NpzSource(_Base):
                num_classes: int | None = None,
                class_names: Sequence[str] | None = None,
                field: str = 'data.path'):
-    p = _check_exists(path, field, 'a MedMNIST-style .npz file')
+    p = check_path(path, field, 'a MedMNIST-style .npz file')
     if p.is_dir():
       raise ValueError(f'{field}: {p} is a folder; data.source=npz needs a '
                        '.npz file (use data.source=seg_folder / class_folder '
@@ -180,7 +181,8 @@ class NpzSource(_Base):
     try:
       npz = np.load(p, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-      raise ValueError(f'{field}: {p} is not a readable .npz file ({e}).') from e
+      raise ValueError(
+          f'{field}: {p} is not a readable .npz file ({e}).') from e
     with npz:
       keys = set(npz.files)
       splits = sorted(k[:-len('_images')] for k in keys
@@ -255,7 +257,7 @@ class SegFolderSource(_Base):
                num_classes: int | None = None,
                class_names: Sequence[str] | None = None,
                cache: bool = True, field: str = 'data.path'):
-    root = _check_exists(root, field,
+    root = check_path(root, field,
                          'a folder with images/, masks/ and split.csv')
     csv_path = root / 'split.csv'
     if not csv_path.exists():
@@ -366,7 +368,7 @@ class ClassFolderSource(_Base):
                num_classes: int | None = None,
                class_names: Sequence[str] | None = None,
                field: str = 'data.path'):
-    root = _check_exists(root, field, 'a folder laid out as '
+    root = check_path(root, field, 'a folder laid out as '
                          'root/<split>/<class_name>/*.png')
     split_dir = root / split
     splits = sorted(d.name for d in root.iterdir()
@@ -444,17 +446,18 @@ class TfdsSource(_Base):
       raise ValueError(f'{field} is not set: give the TFDS dataset name '
                        '(e.g. --config.data.tfds_name=my_dataset).')
     if data_dir is not None:
-      _check_exists(data_dir, 'data.tfds_data_dir',
+      check_path(data_dir, 'data.tfds_data_dir',
                     'the folder holding the prepared TFDS dataset')
       data_dir = str(data_dir)
     try:
       builder = tfds.builder(name, data_dir=data_dir,
                              file_format='array_record')
     except Exception as e:  # pylint: disable=broad-except
+      first_line = (str(e).strip().splitlines() or [''])[0]  # no catalogue
       raise ValueError(
           f'{field}={name!r}: cannot find the TFDS dataset in '
           f'data.tfds_data_dir={data_dir} ({type(e).__name__}: '
-          f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}). Prepare it'
+          f'{first_line}). Prepare it'
           ' with `tfds build --file_format=array_record` or set '
           'data.tfds_data_dir to where it was prepared.') from e
     info = builder.info
@@ -476,10 +479,11 @@ class TfdsSource(_Base):
                        f'(features: {sorted(keys)}); set '
                        'data.tfds_image_key.')
     if mask_key and mask_key in keys:
-      self.task, self._target_key, self._out_key = SEGMENTATION, mask_key, 'mask'
+      self.task, self._target_key = SEGMENTATION, mask_key
+      self._out_key = 'mask'
     elif label_key in keys:
-      self.task, self._target_key, self._out_key = (CLASSIFICATION, label_key,
-                                                    'label')
+      self.task, self._target_key = CLASSIFICATION, label_key
+      self._out_key = 'label'
     else:
       raise ValueError(
           f'{field}={name!r}: no label feature {label_key!r} nor mask feature '
@@ -563,14 +567,15 @@ class JpegNpzSource(_Base):
 
   def __init__(self, path: os.PathLike | str, split: str,
                val_count: int = 1000, field: str = 'data.path'):
-    p = _check_exists(path, field, 'an .npz with jpeg_bytes and offsets')
+    p = check_path(path, field, 'an .npz with jpeg_bytes and offsets')
     if split not in self.SPLITS:
       raise ValueError(f'data.source=jpeg_npz has splits {self.SPLITS}, not '
                        f'{split!r}.')
     try:
       npz = np.load(p, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-      raise ValueError(f'{field}: {p} is not a readable .npz file ({e}).') from e
+      raise ValueError(
+          f'{field}: {p} is not a readable .npz file ({e}).') from e
     with npz:
       missing = [k for k in ('jpeg_bytes', 'offsets') if k not in npz.files]
       if missing:

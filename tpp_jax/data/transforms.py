@@ -92,7 +92,7 @@ def crop_box(rng: np.random.Generator, height: int, width: int,
 def random_resized_crop(record: Record, rng: np.random.Generator, size: int,
                         scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Record:
-  """Crops a random area fraction in ``scale`` / aspect in ``ratio``, resizes."""
+  """Crops a random area fraction ``scale`` / aspect ``ratio``; resizes."""
   h, w = record['image'].shape[:2]
   return _resize_pair(record, size, crop_box(rng, h, w, scale, ratio))
 
@@ -165,10 +165,16 @@ def intensity_jitter(image: np.ndarray, rng: np.random.Generator,
 def normalize(image: np.ndarray, mean: Sequence[float],
               std: Sequence[float]) -> np.ndarray:
   """float32 ``(x / 255 - mean) / std`` with per-channel mean/std."""
-  mean = np.asarray(mean, np.float32)
-  std = np.asarray(std, np.float32)
-  scale = np.float32(1 / 255) / std
-  return image.astype(np.float32) * scale - mean / std
+  mean = np.asarray(mean, np.float32).reshape(-1)
+  std = np.asarray(std, np.float32).reshape(-1)
+  x = image.astype(np.float32)  # always a fresh array
+  if np.all(mean == mean[0]) and np.all(std == std[0]):  # fast scalar path
+    x *= np.float32(1 / 255) / std[0]
+    x -= mean[0] / std[0]
+  else:
+    x *= np.float32(1 / 255) / std
+    x -= mean / std
+  return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,14 +190,15 @@ class RecordTransform:
   def __call__(self, record: Record,
                rng: np.random.Generator | None = None) -> Record:
     aug = self.augment
-    if self.train and rng is None:
+    train = self.train
+    if train and rng is None:
       raise ValueError('the training transform needs an np.random.Generator.')
-    if self.train and aug.crop_scale is not None:
+    if train and aug.crop_scale is not None:
       record = random_resized_crop(record, rng, self.image_size,
                                    aug.crop_scale, aug.crop_ratio)
     else:
       record = resize(record, self.image_size)
-    if self.train:
+    if train:
       if aug.hflip:
         record = hflip(record, rng)
       if aug.vflip:
@@ -199,16 +206,16 @@ class RecordTransform:
       if aug.rotate > 0:
         record = rotate(record, rng, aug.rotate)
     image = to_channels(record['image'], self.channels)
-    if self.train and aug.intensity > 0:
+    if train and aug.intensity > 0:
       image = intensity_jitter(image, rng, aug.intensity)
-    out = {'image': normalize(image, self.mean, self.std)}
+    image = normalize(image, self.mean, self.std)
+    out = {k: v for k, v in record.items()
+           if k not in ('image', 'mask', 'label')}  # extra keys, e.g. 'valid'
+    out['image'] = image
     if 'mask' in record:
       out['mask'] = np.ascontiguousarray(record['mask'], dtype=np.int32)
     if 'label' in record:
       out['label'] = np.int32(record['label'])
-    for k, v in record.items():  # pass through extra keys (e.g. 'valid')
-      if k not in ('image', 'mask', 'label'):
-        out[k] = v
     return out
 
 

@@ -1,0 +1,140 @@
+"""The engine: sharded == 1-device, exact resume in a new process, target handover, contract files."""
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import load_config, run_cli
+from tpp_jax import engine, partition
+from tpp_jax.checkpoints import store
+
+
+def _cfg(pneumonia_npz, arg=""):
+  c = load_config("experiment", "pneumonia,smoke,px32" + ("," + arg if arg else ""))
+  c.data.path = str(pneumonia_npz)
+  return c
+
+
+def test_sharded_step_equals_single_device_step(pneumonia_npz, tmp_path):
+  c = _cfg(pneumonia_npz)
+  t8 = engine.Trainer(c, tmp_path / "a")
+  t1 = engine.Trainer(c, tmp_path / "b", devices=jax.devices()[:1])
+  assert t8.mesh.devices.size == 8 and t1.mesh.devices.size == 1
+  it = t8.train_iterator()
+  s8, s1 = t8.state, t1.state
+  for _ in range(3):
+    batch = next(it)
+    s8, m8 = t8.train_step(s8, engine.global_batch(batch, t8.mesh), t8.base_rng)
+    s1, m1 = t1.train_step(s1, engine.global_batch(batch, t1.mesh), t1.base_rng)
+    assert abs(float(m8["loss"]) - float(m1["loss"])) <= 1e-5
+  diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                 s8["params"], s1["params"])
+  assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-5
+  # the batch really is split over 8 devices
+  gb = engine.global_batch(next(it), t8.mesh)
+  assert len(gb["image"].sharding.device_set) == 8
+
+
+def _final_params(workdir):
+  mngr = ocp.CheckpointManager(workdir / "checkpoints")
+  step = mngr.latest_step()
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
+
+
+def test_resume_in_a_new_process_is_exact(pneumonia_npz, tmp_path):
+  common = ["--config", "configs/experiment.py:pneumonia,smoke,px32", f"--config.data.path={pneumonia_npz}",
+            "--config.log_every=1", "--config.checkpoint_every=2", "--config.eval_splits=()"]
+  full, half = tmp_path / "full", tmp_path / "half"
+  r = run_cli(common + ["--workdir", str(full), "--config.steps=8"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = run_cli(common + ["--workdir", str(half), "--config.steps=8", "--config.stop_after=4"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = run_cli(common + ["--workdir", str(half), "--config.steps=8"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resumed" in r.stdout
+  sf, pf = _final_params(full)
+  sh, ph = _final_params(half)
+  assert sf == sh == 8
+  for a, b in zip(jax.tree_util.tree_leaves(pf), jax.tree_util.tree_leaves(ph)):
+    assert np.array_equal(a, b)
+  # the same batches in the same order: identical per-step training losses
+  def losses(wd):
+    rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+  assert losses(full) == losses(half) and len(losses(full)) == 8
+
+
+def test_target_init_loads_exactly_the_target_leaves(pneumonia_npz, tmp_path):
+  tpp = _cfg(pneumonia_npz, "stage=tpp")
+  tpp_sum = engine.train(tpp, tmp_path / "tpp")
+  assert tpp_sum["params"]["target"] > 0
+  _, tpp_params = _final_params(tmp_path / "tpp")
+
+  ft = _cfg(pneumonia_npz, "steps=1")
+  ft.target_init = str(tmp_path / "tpp")
+  fresh = engine.Trainer(_cfg(pneumonia_npz, "steps=1"), tmp_path / "fresh")
+  t = engine.Trainer(ft, tmp_path / "ft")
+  params = jax.device_get(t.state["params"])
+  fresh_params = jax.device_get(fresh.state["params"])
+  n = 0
+  for (path, leaf), lab, fr in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                   jax.tree_util.tree_leaves(t.labels), jax.tree_util.tree_leaves(fresh_params)):
+    name = partition.path_str(path)
+    if lab == "target":
+      src = tpp_params
+      for k in name.split("/"):
+        src = src[k]
+      assert np.array_equal(np.asarray(leaf), src), name  # bitwise the TPP run's
+      n += 1
+    else:
+      assert np.array_equal(np.asarray(leaf), np.asarray(fr)), name  # head + backbone as a fresh run
+  assert n > 0 and t.target_init["step"] == tpp.steps
+  # the TPP run really moved its target params away from init (LoRA B starts at zero)
+  assert any(np.abs(v["lora_b"]).max() > 0 for k, v in tpp_params["encoder"]["blocks_0"]["attn"].items()
+             if "lora_b" in v)
+
+
+def test_target_init_with_mismatched_peft_is_one_clear_error(pneumonia_npz, tmp_path):
+  engine.train(_cfg(pneumonia_npz, "stage=tpp,steps=2"), tmp_path / "tpp")
+  ft = _cfg(pneumonia_npz, "peft.rank=4")
+  ft.target_init = str(tmp_path / "tpp")
+  with pytest.raises(engine.ConfigError, match=r"peft config differs .*rank"):
+    engine.Trainer(ft, tmp_path / "ft")
+
+
+def test_finetune_writes_the_contract_files(pneumonia_npz, tmp_path):
+  c = _cfg(pneumonia_npz, "steps=10,eval_every=5,data.max_eval_examples=128")
+  s = engine.train(c, tmp_path / "run")
+  for f in ("config.json", "metrics.jsonl", "summary.json"):
+    assert (tmp_path / "run" / f).exists(), f
+  assert (tmp_path / "run" / "checkpoints" / "10").exists() and (tmp_path / "run" / "best").exists()
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["stage"] == "finetune" and summary["config"]["peft"]["type"] == "lora"
+  assert set(summary["params"]) >= {"total", "trainable", "target"}
+  for split in ("val", "test"):
+    m = summary["final"][split]
+    assert set(m) >= {"accuracy", "balanced_accuracy", "macro_f1", "auc"}
+    assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["accuracy"] <= 1.0
+  assert summary["images_per_sec"] > 0
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert {"step", "stage", "split", "loss"} <= set(rows[0])
+  assert any(r["split"] == "val" and r["step"] == 5 for r in rows)
+  # rerunning the finished run resumes at the end and changes nothing saved
+  before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+  engine.train(c, tmp_path / "run")
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_a_different_config_never_overwrites_a_run(pneumonia_npz, tmp_path):
+  engine.train(_cfg(pneumonia_npz, "steps=2"), tmp_path / "run")
+  with pytest.raises(engine.ConfigError, match="different config"):
+    engine.train(_cfg(pneumonia_npz, "steps=2,optim.lr=0.5"), tmp_path / "run")
+
+
+def test_nan_loss_stops_with_a_clear_error(pneumonia_npz, tmp_path):
+  c = _cfg(pneumonia_npz, "steps=4,log_every=1,optim.lr=1e30,optim.clip_norm=0.0,checkpoint_every=0")
+  with pytest.raises(engine.TrainingError, match="Lower optim.lr"):
+    engine.train(c, tmp_path / "run")
