@@ -53,6 +53,7 @@ def smoke(c):
   c.task.seg_decoder_dim = 16
   c.data.update(max_train_examples=256, max_eval_examples=64)
   c.pipeline.update(tpp_steps=6)
+  c.data.val_count = 64
   c.progress = False
 
 

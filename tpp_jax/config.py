@@ -70,6 +70,7 @@ def base_config() -> mlc.ConfigDict:
   c.train_extra = ()           # regexes of backbone leaves to train too (finetune/tpp)
   c.target_init = ""           # a TPP workdir whose target parameters start the fine-tune
   c.eval_splits = ("val", "test")
+  c.eval_checkpoint = "latest"  # stage eval: latest | best
   c.progress = True
   c.distributed = False        # call jax.distributed.initialize() (multi-host)
   c.fsdp = False               # shard large params over the data axis

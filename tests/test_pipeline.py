@@ -1,0 +1,66 @@
+"""The product's front door: configs/default.py:smoke runs the whole pipeline; eval; backbone export."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load_config
+from tpp_jax import engine, evaluate, pipeline
+from tpp_jax.checkpoints import store
+
+
+def test_default_smoke_pipeline_writes_report_and_all_arms(tmp_path):
+  c = load_config("default", "smoke")
+  out = pipeline.run(c, tmp_path)
+  for arm in ("tpp", "tpp_finetune", "baseline"):
+    s = json.loads((tmp_path / "seed_0" / arm / "summary.json").read_text())
+    assert s["stage"] == ("tpp" if arm == "tpp" else "finetune")
+    assert "house_vit_ti8_64" in s["init"], s["init"]  # the shipped house backbone was loaded
+  ft = json.loads((tmp_path / "seed_0" / "tpp_finetune" / "summary.json").read_text())
+  base = json.loads((tmp_path / "seed_0" / "baseline" / "summary.json").read_text())
+  assert ft["target_init"]["path"].endswith("seed_0/tpp") and base["target_init"] is None
+  assert set(ft["final"]["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "auc"}
+  report = (tmp_path / "report.md").read_text()
+  for png in ("learning_curves.png", "mae_reconstructions.png"):
+    assert (tmp_path / png).stat().st_size > 1000 and png in report
+  assert "tpp_finetune" in report and "baseline" in report
+  assert out["report"].endswith("report.md")
+
+
+def test_eval_stage_reproduces_the_final_metrics(tmp_path, pneumonia_npz):
+  c = load_config("experiment", "pneumonia,smoke,px32,steps=4")
+  c.data.path = str(pneumonia_npz)
+  s = engine.train(c, tmp_path / "run")
+  e = load_config("experiment", "stage=eval")
+  ev = evaluate.run(e, tmp_path / "run")
+  for split in ("val", "test"):
+    for k in ("accuracy", "auc", "loss"):
+      assert ev["results"][split][k] == pytest.approx(s["final"][split][k], abs=1e-6)
+  assert (tmp_path / "run" / "eval.json").exists()
+
+
+def test_house_backbone_config_exports_and_reloads(tmp_path):
+  from conftest import shared_path
+  from tpp_jax import export_backbone
+  natural = shared_path("data", "pretrain_natural_64", "images_jpeg.npz")
+  c = load_config("house_backbone", "smoke")
+  c.data.path = str(natural)
+  c.data.val_count = 64
+  c.eval_splits = ("val",)
+  engine.train(c, tmp_path / "pre")
+  summary = export_backbone.export(tmp_path / "pre", tmp_path / "out", "tiny")
+  h = summary["heldout"]
+  assert np.isfinite(h["mae_loss"]) and h["mean_patch_loss"] == pytest.approx(1 - 1 / (8 * 8 * 3), rel=1e-3)
+  # the exported fp16 file loads as init and equals the checkpoint to fp16 precision
+  loaded = store.load_flat(tmp_path / "out" / "tiny.safetensors")
+  enc_ck, _ = store.load_backbone_tpp(tmp_path / "pre")  # from the workdir (orbax)
+  for a, b in zip(jax.tree_util.tree_leaves(loaded["encoder"]), jax.tree_util.tree_leaves(enc_ck)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4)
+  ft = load_config("experiment", "demo,smoke,steps=2")
+  ft.model.update(image_size=64, pos_emb="sincos")
+  ft.data.image_size = 64
+  ft.init.path = str(tmp_path / "out" / "tiny.safetensors")
+  t = engine.Trainer(ft, tmp_path / "ft")
+  got = jax.device_get(t.state["params"]["encoder"]["blocks_0"]["attn"]["q"]["kernel"])
+  np.testing.assert_array_equal(got, loaded["encoder"]["blocks_0"]["attn"]["q"]["kernel"])

@@ -1,0 +1,116 @@
+"""Export a `pretrain` run as a shippable backbone: fp16 safetensors + held-out evaluation + figure.
+
+  python -m tpp_jax.export_backbone RUN_DIR OUT_DIR [--name NAME]
+
+Writes OUT_DIR/NAME.safetensors (encoder/... and decoder/... leaves, '/'-joined names, fp16; load with
+`init.path=OUT_DIR/NAME.safetensors`, which casts to float32), OUT_DIR/reconstructions.png and
+OUT_DIR/eval.json with the held-out MAE numbers:
+  mae_loss           masked-patch loss in the training target space (per-patch normalised pixels)
+  mean_patch_loss    the same loss when every masked patch is predicted as its own mean colour
+                     (a flat patch; = (P*P*C - 1) / (P*P*C) with norm_pix_loss)
+  pixel_mse          masked-pixel MSE of the reconstruction (normalised image space)
+  mean_patch_pixel_mse   masked-pixel MSE of flat true-mean patches
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from tpp_jax import engine, report
+from tpp_jax.checkpoints import store as store_lib
+from tpp_jax.data import pipeline as data_pipeline
+from tpp_jax.logging_utils import read_jsonl
+from tpp_jax.models.mae import patchify
+from tpp_jax.pipeline import mae_reconstructions
+
+
+def heldout_eval(trainer, split: str = "val", batch_size: int = 250) -> dict:
+  obj, cfg = trainer.objective, trainer.encoder.cfg
+  sums = {"mae_loss": 0.0, "mean_patch_loss": 0.0, "pixel_mse": 0.0, "mean_patch_pixel_mse": 0.0}
+  n_masked = 0.0
+
+  @jax.jit
+  def stats(params, images, noise):
+    pred, mask = obj.forward(params, images, noise, False)
+    target = patchify(images, cfg.patch)
+    mu = target.mean(-1, keepdims=True)
+    var = target.var(-1, keepdims=True, ddof=1)
+    tn = (target - mu) / (var + 1e-6) ** 0.5
+    if obj.norm_pix:
+      pix = pred * (var + 1e-6) ** 0.5 + mu
+      norm_pred = pred
+    else:
+      pix = pred
+      norm_pred = (pred - mu) / (var + 1e-6) ** 0.5
+    m = mask
+    per = lambda e: (e.mean(-1) * m).sum()
+    return jnp.stack([per(jnp.square(norm_pred - tn)), per(jnp.square(tn)),
+                      per(jnp.square(pix - target)), per(jnp.square(mu - target)), m.sum()])
+
+  key = jax.random.key(0)
+  for i, batch in enumerate(data_pipeline.eval_batches(trainer.sources[split], trainer.eval_fn, batch_size)):
+    valid = batch["valid"]
+    images = jnp.asarray(batch["image"][valid])
+    noise = jax.random.uniform(jax.random.fold_in(key, i), (images.shape[0], cfg.num_patches))
+    s = np.asarray(stats(trainer.state["params"], images, noise))
+    for k, v in zip(sums, s[:4]):
+      sums[k] += float(v)
+    n_masked += float(s[4])
+  return {k: v / n_masked for k, v in sums.items()}
+
+
+def export(run_dir, out_dir, name: str) -> dict:
+  run_dir, out_dir = pathlib.Path(run_dir).absolute(), pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  cfg = mlc.ConfigDict(store_lib.read_json(run_dir / "config.json"))
+  if cfg.stage != "pretrain":
+    raise ValueError(f"{run_dir} is a {cfg.stage!r} run; export_backbone takes a `pretrain` run.")
+  trainer = engine.Trainer(cfg, run_dir)
+  store = store_lib.CheckpointStore(run_dir)
+  state, _ = store.restore(trainer.state)
+  store.close()
+  trainer.state = state
+  params = jax.device_get(state["params"])
+  weights = out_dir / f"{name}.safetensors"
+  store_lib.save_flat(weights, {"encoder": params["encoder"], "decoder": params["decoder"]},
+                      metadata={"model": json.dumps(cfg.model.to_dict()),
+                                "pretext": json.dumps(cfg.pretext.to_dict()), "step": int(state["step"])})
+  # fp16 round trip: the shipped weights are what we evaluate
+  loaded = store_lib.load_flat(weights)
+  trainer.state = {**trainer.state, "params": {"encoder": loaded["encoder"], "decoder": loaded["decoder"]}}
+  ev = heldout_eval(trainer)
+  images = next(iter(data_pipeline.eval_batches(trainer.sources["val"], trainer.eval_fn, 8)))["image"]
+  orig, masked, recon = mae_reconstructions(trainer, images)
+  report.plot_reconstructions(orig, masked, recon, out_dir / "reconstructions.png",
+                              mean=np.asarray(cfg.data.mean), std=np.asarray(cfg.data.std))
+  rows = read_jsonl(run_dir / "metrics.jsonl")
+  train_rows = [r for r in rows if r["split"] == "train"]
+  summary = {
+      "weights": weights.name, "bytes": weights.stat().st_size, "step": int(state["step"]),
+      "epochs": int(state["step"]) * cfg.batch_size / len(trainer.sources["train"]),
+      "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+      "images_per_sec": train_rows[-1].get("images_per_sec") if train_rows else None,
+      "heldout": ev, "heldout_images": len(trainer.sources["val"]),
+  }
+  (out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+  print(json.dumps(summary, indent=2))
+  return summary
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("run_dir")
+  ap.add_argument("out_dir")
+  ap.add_argument("--name", default="house_vit_ti8_64")
+  a = ap.parse_args()
+  export(a.run_dir, a.out_dir, a.name)
+
+
+if __name__ == "__main__":
+  main()

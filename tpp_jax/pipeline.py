@@ -1,0 +1,136 @@
+"""Stage `pipeline`: TPP vs plain PEFT, side by side, same seeds and budget.
+
+For each seed s in (seed, seed+1, ..., seed+seeds-1), in DIR/seed_s/:
+  tpp/            stage tpp: pretext (MAE / DINO) on the target params, backbone frozen
+  tpp_finetune/   stage finetune starting from tpp/'s target params (target_init)
+  baseline/       stage finetune from random target init (the usual PEFT)
+Then DIR/report.md with tables, learning curves, MAE reconstructions / segmentation overlays.
+Every sub-run is an ordinary workdir: an interrupted pipeline resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from tpp_jax import engine
+
+
+def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
+  """The three configs of one seed."""
+  def derive(**kw):
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.seed = seed
+      c.seeds = 1
+      for k, v in kw.items():
+        c[k] = v
+    return c
+  p = config.pipeline
+  tpp = derive(stage="tpp", steps=int(p.tpp_steps), batch_size=int(p.tpp_batch_size), target_init="",
+               eval_splits=("val",), best_metric="")
+  with tpp.unlocked():
+    tpp.optim.lr = float(p.tpp_lr)
+    tpp.eval_every = 0
+  ft = derive(stage="finetune", target_init=str(workdir / f"seed_{seed}" / "tpp"))
+  base = derive(stage="finetune", target_init="")
+  return {"tpp": tpp, "tpp_finetune": ft, "baseline": base}
+
+
+def run(config, workdir) -> dict:
+  wd = pathlib.Path(workdir).absolute()
+  wd.mkdir(parents=True, exist_ok=True)
+  if config.peft.type == "none":
+    raise engine.ConfigError("stage 'pipeline' compares TPP and plain PEFT: set peft.type (e.g. lora).")
+  engine.check_workdir(config, wd)
+  from tpp_jax import config as config_lib
+  (wd / "config.json").write_text(config_lib.to_json(config))
+  seeds = [int(config.seed) + i for i in range(int(config.seeds))]
+  summaries, trainers = {}, {}
+  for seed in seeds:
+    for arm, cfg in arm_configs(config, seed, wd).items():
+      print(f"== seed {seed}: {arm} ==", flush=True)
+      t = engine.Trainer(cfg, wd / f"seed_{seed}" / arm)
+      summaries[(seed, arm)] = t.run()
+      if seed == seeds[0]:
+        trainers[arm] = t
+  figures(config, wd, trainers)
+  path = None
+  if config.pipeline.report:
+    from tpp_jax import report
+    path = report.write_report(wd)
+    print(f"Report: {path}")
+  print(comparison_table(summaries, config.task.type))
+  return {"report": str(path) if path else None,
+          "runs": {f"seed_{s}/{a}": v.get("final") for (s, a), v in summaries.items()}}
+
+
+def comparison_table(summaries: dict, task: str) -> str:
+  """A plain-text test-metric table of the arms (mean ± std over seeds)."""
+  keys = ("accuracy", "balanced_accuracy", "macro_f1", "auc") if task == "classification" else ("dice", "iou")
+  lines = [f"{'arm':14s} " + " ".join(f"{k:>18s}" for k in keys)]
+  for arm in ("baseline", "tpp_finetune"):
+    vals = {k: [s["final"].get("test", {}).get(k, np.nan) for (_, a), s in summaries.items() if a == arm]
+            for k in keys}
+    def fmt(v):
+      v = np.asarray(v, float)
+      return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+    lines.append(f"{arm:14s} " + " ".join(f"{fmt(vals[k]):>18s}" for k in keys))
+  return "\n".join(lines)
+
+
+def figures(config, wd: pathlib.Path, trainers: dict, n: int = 6):
+  """MAE reconstructions of validation images (TPP arm) and segmentation overlays (fine-tune arm)."""
+  from tpp_jax import report
+  mean = np.asarray(config.data.mean, np.float32)
+  std = np.asarray(config.data.std, np.float32)
+  split = "val" if "val" in trainers["tpp"].sources else "train"
+  if config.pretext.type == "mae":
+    t = trainers["tpp"]
+    images = _eval_images(t, split, n)
+    orig, masked, recon = mae_reconstructions(t, images)
+    report.plot_reconstructions(orig, masked, recon, wd / "mae_reconstructions.png", mean=mean, std=std)
+  if config.task.type == "segmentation":
+    t = trainers["tpp_finetune"]
+    split = "test" if "test" in t.sources else split
+    batch = next(iter(_eval_batch(t, split, n)))
+    logits = t.objective.logits(t.state["params"], jax.numpy.asarray(batch["image"]), False)
+    preds = np.asarray(logits.argmax(-1))
+    report.plot_segmentation_overlays(batch["image"], batch["mask"], preds, wd / "segmentation_overlays.png",
+                                      mean=mean, std=std)
+
+
+def _eval_batch(t, split, n):
+  from tpp_jax.data import pipeline as data_pipeline
+  for b in data_pipeline.eval_batches(t.sources[split], t.eval_fn, n):
+    yield {k: v[:n] for k, v in b.items()}
+
+
+def _eval_images(t, split, n):
+  return next(iter(_eval_batch(t, split, n)))["image"]
+
+
+def mae_reconstructions(trainer, images: np.ndarray, seed: int = 0):
+  """(original, masked input, reconstruction) images, in the normalised input space."""
+  from tpp_jax.models.mae import patchify, unpatchify
+  obj, cfg = trainer.objective, trainer.encoder.cfg
+  x = jax.numpy.asarray(images)
+  noise = jax.random.uniform(jax.random.key(seed), (x.shape[0], cfg.num_patches))
+  pred, mask = obj.forward(trainer.state["params"], x, noise, False)
+  target = patchify(x, cfg.patch)
+  if obj.norm_pix:  # predictions are per-patch normalised: undo with the true patch statistics
+    mu = target.mean(-1, keepdims=True)
+    var = target.var(-1, keepdims=True, ddof=1)
+    pred = pred * (var + 1e-6) ** 0.5 + mu
+  m = mask[:, :, None]
+  recon = unpatchify(target * (1 - m) + pred * m, cfg.patch, cfg.channels)
+  grey = jax.numpy.zeros_like(target)  # masked patches shown at the data mean
+  masked = unpatchify(target * (1 - m) + grey * m, cfg.patch, cfg.channels)
+  return np.asarray(x), np.asarray(masked), np.asarray(recon)
+
+
+def print_json(obj):
+  print(json.dumps(obj, indent=2, default=str))
