@@ -1,0 +1,653 @@
+"""Comparison report of TPP vs plain PEFT runs: Markdown tables, learning curves and figures.
+
+  python -m tpp_jax.report RUN_DIR [RUN_DIR ...]
+
+Finds every run folder (one with summary.json) under the given folders and writes RUN_DIR/report.md
+(the first folder) with the test / val metric tables (mean ± std over seeds and the paired
+TPP − baseline difference), learning_curves.png, the pipeline's own figures when present
+(mae_reconstructions.png, segmentation_overlays.png), parameter counts, wall time and images/s.
+Only numpy and matplotlib (Agg canvas, no pyplot) are needed: no JAX import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+TASK_METRICS = {
+    "classification": ("accuracy", "balanced_accuracy", "macro_f1", "auc"),
+    "segmentation": ("dice", "iou"),
+}
+MAIN_METRIC = {"classification": "auc", "segmentation": "dice"}
+PRETEXT_STAGES = ("pretrain", "tpp")
+ARM_ORDER = ("tpp_finetune", "baseline", "tpp")
+FIGURES = (("mae_reconstructions.png", "MAE reconstructions (TPP arm)",
+            "Validation images: masked input / reconstruction by the TPP-trained target parameters / original."),
+           ("segmentation_overlays.png", "Segmentation overlays (TPP arm)",
+            "Ground truth (left, green) and prediction (right, red; ground-truth contour in green) over the input image."))
+
+
+class NoRunsError(ValueError):
+  """A folder given to the report holds no run folder (no summary.json beneath it)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Collecting runs.
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  return json.loads(path.read_text())
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+  """Rows of metrics.jsonl; a torn last line (interrupted run) is skipped."""
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+def _get(cfg: dict, dotted: str, default=None):
+  """cfg['a']['b'] for 'a.b', or default."""
+  node = cfg
+  for part in dotted.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def _seed_of(path: pathlib.Path, cfg: dict) -> int | None:
+  seed = _get(cfg, "seed")
+  if seed is not None:
+    return int(seed)
+  for part in reversed(path.parts):
+    m = re.fullmatch(r"seed_(\d+)", part)
+    if m:
+      return int(m.group(1))
+  return None
+
+
+def _role(arm: str, stage: str, has_target_init: bool) -> str:
+  """What a run is in the comparison: tpp | tpp_finetune | baseline | other."""
+  if arm in ARM_ORDER:
+    return arm
+  if stage == "tpp":
+    return "tpp"
+  if stage == "finetune":
+    return "tpp_finetune" if has_target_init else "baseline"
+  return "other"
+
+
+def _record(run: pathlib.Path) -> dict:
+  summary = _read_json(run / "summary.json")
+  cfg_path = run / "config.json"
+  cfg = _read_json(cfg_path) if cfg_path.exists() else (summary.get("config") or {})
+  stage = str(summary.get("stage") or _get(cfg, "stage", ""))
+  target_init = summary.get("target_init")
+  has_ti = bool(target_init) or bool(_get(cfg, "target_init", ""))
+  arm = run.name
+  return {
+      "path": str(run), "arm": arm, "role": _role(arm, stage, has_ti),
+      "seed": _seed_of(run, cfg), "stage": stage,
+      "peft": str(_get(cfg, "peft.type", "none")), "task": str(_get(cfg, "task.type", "classification")),
+      "pretext": str(_get(cfg, "pretext.type", "")), "config": cfg,
+      "final": summary.get("final") or {}, "best": summary.get("best"),
+      "params": summary.get("params") or {}, "steps": summary.get("steps", _get(cfg, "steps")),
+      "init": summary.get("init"), "target_init": target_init,
+      "images_per_sec": summary.get("images_per_sec"), "wall_time_s": summary.get("wall_time_s"),
+      "rows": _read_jsonl(run / "metrics.jsonl"),
+  }
+
+
+def _arm_rank(arm: str) -> tuple:
+  return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm)
+
+
+def collect(run_dirs: Iterable) -> list[dict]:
+  """Records of every run folder (with summary.json) under `run_dirs`, searched recursively.
+
+  Args:
+    run_dirs: folders (a pipeline folder, run folders, or parents of them).
+
+  Returns:
+    One dict per run: path, arm (folder name: tpp_finetune / baseline / tpp / other), role, seed,
+    stage, peft, task, pretext, config, final ({split: metrics}), best, params, steps, init,
+    target_init, images_per_sec, wall_time_s and rows (metrics.jsonl). Sorted by arm then seed;
+    a run reached twice is listed once.
+  """
+  if isinstance(run_dirs, (str, os.PathLike)):
+    run_dirs = [run_dirs]
+  seen, records = set(), []
+  for d in run_dirs:
+    d = pathlib.Path(d)
+    if not d.exists():
+      raise FileNotFoundError(f"{d} does not exist.")
+    found = [d / "summary.json"] if (d / "summary.json").exists() else []
+    found += sorted(p for p in d.rglob("summary.json") if p.parent != d)
+    for s in found:
+      run = s.parent.resolve()
+      if run not in seen:
+        seen.add(run)
+        records.append(_record(run))
+  records.sort(key=lambda r: (_arm_rank(r["arm"]), r["peft"], -1 if r["seed"] is None else r["seed"], r["path"]))
+  return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables.
+
+
+def _finite(values) -> np.ndarray:
+  a = np.asarray([np.nan if v is None else float(v) for v in values], float)
+  return a[np.isfinite(a)]
+
+
+def _mean_std(values) -> str:
+  """'mean ± std' (ddof=1), '± n/a' for one value, 'n/a' for none."""
+  a = _finite(values)
+  if a.size == 0:
+    return "n/a"
+  if a.size == 1:
+    return f"{a[0]:.4f} ± n/a"
+  return f"{a.mean():.4f} ± {a.std(ddof=1):.4f}"
+
+
+def _count(values) -> str:
+  vals = sorted({int(v) for v in values if v is not None})
+  if not vals:
+    return "n/a"
+  return f"{vals[0]:,}" if len(vals) == 1 else f"{vals[0]:,}–{vals[-1]:,}"
+
+
+def _mean_fmt(values, fmt: str = "{:.1f}") -> str:
+  a = _finite(values)
+  return fmt.format(a.mean()) if a.size else "n/a"
+
+
+def _groups(records: Sequence[dict]) -> dict:
+  """{(arm, peft, task): [records]} in report order."""
+  out: dict = {}
+  for r in sorted(records, key=lambda r: (_arm_rank(r["arm"]), r["peft"], r["task"])):
+    out.setdefault((r["arm"], r["peft"], r["task"]), []).append(r)
+  return out
+
+
+def _metric_keys(records: Sequence[dict]) -> list[str]:
+  keys: list[str] = []
+  for task in TASK_METRICS:
+    if any(r["task"] == task for r in records):
+      keys += TASK_METRICS[task]
+  return keys
+
+
+def _has_task_metrics(r: dict, split: str) -> bool:
+  return r["stage"] not in PRETEXT_STAGES and any(k in r["final"].get(split, {}) for k in TASK_METRICS[r["task"]])
+
+
+def _per_seed(group: Sequence[dict], split: str, key: str) -> dict:
+  """{seed: mean value of that seed's runs} (finite values only)."""
+  vals: dict = {}
+  for r in group:
+    v = r["final"].get(split, {}).get(key)
+    if v is not None and math.isfinite(float(v)):
+      vals.setdefault(r["seed"], []).append(float(v))
+  return {s: float(np.mean(v)) for s, v in vals.items()}
+
+
+def paired_differences(records: Sequence[dict], split: str = "test") -> list[dict]:
+  """Per-seed TPP − baseline differences, per PEFT type and task.
+
+  Returns:
+    A list of {"label", "peft", "task", "tpp", "baseline", "seeds", "diffs": {metric: np.ndarray}}
+    with one entry per (TPP-initialised arm, baseline arm) pair of the same PEFT type and task.
+  """
+  runs = [r for r in records if _has_task_metrics(r, split)]
+  groups = _groups(runs)
+  out = []
+  for (t_arm, peft, task), t_runs in groups.items():
+    if t_runs[0]["role"] != "tpp_finetune":
+      continue
+    for (b_arm, b_peft, b_task), b_runs in groups.items():
+      if b_runs[0]["role"] != "baseline" or (b_peft, b_task) != (peft, task):
+        continue
+      diffs, seeds = {}, set()
+      for k in TASK_METRICS[task]:
+        a, b = _per_seed(t_runs, split, k), _per_seed(b_runs, split, k)
+        common = sorted(set(a) & set(b), key=lambda s: (s is None, s or 0))
+        diffs[k] = np.asarray([a[s] - b[s] for s in common], float)
+        seeds |= set(common)
+      label = ("TPP − baseline" if (t_arm, b_arm) == ("tpp_finetune", "baseline") else f"{t_arm} − {b_arm}")
+      out.append({"label": label, "peft": peft, "task": task, "tpp": t_arm, "baseline": b_arm,
+                  "seeds": sorted(seeds, key=lambda s: (s is None, s or 0)), "diffs": diffs})
+  return out
+
+
+def _diff_cell(d: np.ndarray) -> str:
+  if d.size == 0:
+    return "n/a"
+  if d.size == 1:
+    return f"{d[0]:+.4f} ± n/a"
+  return f"{d.mean():+.4f} ± {d.std(ddof=1):.4f}"
+
+
+def metric_table(records: Sequence[dict], split: str = "test") -> str:
+  """Markdown table of the task metrics per arm (mean ± std over seeds) and TPP − baseline.
+
+  Args:
+    records: from `collect`; pretext-only runs (stage tpp / pretrain) are left out.
+    split: 'test' or 'val' (the `final` metrics of summary.json).
+
+  Returns:
+    The table: one row per (arm, PEFT type), n seeds, each metric as `mean ± std` (ddof=1; `± n/a`
+    for one seed), trainable / target parameters, images/s and wall time (means); then one
+    difference row per TPP / baseline pair, mean ± std of the per-seed paired differences.
+  """
+  runs = [r for r in records if _has_task_metrics(r, split)]
+  if not runs:
+    return f"_No runs with {split} task metrics._"
+  keys = _metric_keys(runs)
+  multi_task = len({r["task"] for r in runs}) > 1
+  head = ["arm", "peft"] + (["task"] if multi_task else []) + ["n"] + keys + [
+      "trainable params", "target params", "images/s", "wall time (s)"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - len(keys) - 4) + [
+      "---:"] * (len(keys) + 4)) + "|"]
+  for (arm, peft, task), group in _groups(runs).items():
+    cells = [f"`{arm}`", peft] + ([task] if multi_task else []) + [str(len(group))]
+    for k in keys:
+      cells.append(_mean_std([r["final"].get(split, {}).get(k) for r in group]) if k in TASK_METRICS[task] else "")
+    cells += [_count(r["params"].get("trainable") for r in group), _count(r["params"].get("target") for r in group),
+              _mean_fmt(r["images_per_sec"] for r in group), _mean_fmt(r["wall_time_s"] for r in group)]
+    lines.append("| " + " | ".join(cells) + " |")
+  for d in paired_differences(runs, split):
+    cells = [f"**{d['label']}**", d["peft"]] + ([d["task"]] if multi_task else []) + [str(len(d["seeds"]))]
+    for k in keys:
+      cells.append(f"**{_diff_cell(d['diffs'][k])}**" if k in d["diffs"] else "")
+    lines.append("| " + " | ".join(cells + [""] * 4) + " |")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures.
+
+
+def _save(fig: Figure, out_png) -> pathlib.Path:
+  out = pathlib.Path(out_png)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  FigureCanvasAgg(fig)
+  fig.savefig(out, dpi=110, bbox_inches="tight")
+  return out
+
+
+def _series(rows: Sequence[dict], split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of one split's metric; the last row of a step wins (resumed runs)."""
+  by_step = {}
+  for row in rows:
+    v = row.get(key)
+    if row.get("split") == split and v is not None and math.isfinite(float(v)):
+      by_step[int(row["step"])] = float(v)
+  steps = np.asarray(sorted(by_step), float)
+  return steps, np.asarray([by_step[s] for s in sorted(by_step)], float)
+
+
+def _plot_arm(ax, series: list, color, label: str) -> bool:
+  """Thin line per seed, thick mean over the seeds (steps common to all seeds)."""
+  series = [(s, v) for s, v in series if s.size]
+  if not series:
+    return False
+  for s, v in series:
+    ax.plot(s, v, color=color, lw=0.8, alpha=0.35, marker="." if s.size < 3 else None)
+  common = sorted(set.intersection(*(set(s.tolist()) for s, _ in series)))
+  if common:
+    mean = [np.mean([v[np.searchsorted(s, c)] for s, v in series]) for c in common]
+    ax.plot(common, mean, color=color, lw=2.2, marker="o" if len(common) < 3 else None,
+            label=f"{label} (n={len(series)})")
+  return True
+
+
+def _empty(ax, text: str):
+  ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.5")
+
+
+def plot_learning_curves(records: Sequence[dict], out_png) -> pathlib.Path:
+  """Training loss and validation main metric (auc / dice) vs step, all arms in the same axes.
+
+  A third panel shows the TPP pretext loss (stage tpp runs: train, and val dashed) when present.
+  Thin lines: single seeds; thick: the mean over seeds.
+
+  Args:
+    records: from `collect`.
+    out_png: output path.
+
+  Returns:
+    The PNG path.
+  """
+  down = [r for r in records if r["stage"] not in PRETEXT_STAGES]
+  pre = [r for r in records if r["stage"] == "tpp"]
+  ncols = 3 if pre else 2
+  fig = Figure(figsize=(5.2 * ncols, 4.0))
+  axes = fig.subplots(1, ncols, squeeze=False)[0]
+  colors = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"]
+  groups = _groups(down)
+  multi_peft = len({k[1] for k in groups}) > 1
+  mains = sorted({MAIN_METRIC[t] for _, _, t in groups})
+  any_loss = any_val = False
+  for i, ((arm, peft, task), group) in enumerate(groups.items()):
+    c = colors[i % len(colors)]
+    label = f"{arm} ({peft})" if multi_peft else arm
+    any_loss |= _plot_arm(axes[0], [_series(r["rows"], "train", "loss") for r in group], c, label)
+    any_val |= _plot_arm(axes[1], [_series(r["rows"], "val", MAIN_METRIC[task]) for r in group], c, label)
+  axes[0].set(title="fine-tune: training loss", xlabel="step", ylabel="loss")
+  axes[1].set(title=f"fine-tune: validation {' / '.join(mains) or 'metric'}", xlabel="step",
+              ylabel=" / ".join(mains) or "metric")
+  for ax, ok in ((axes[0], any_loss), (axes[1], any_val)):
+    if ok:
+      ax.legend(fontsize=8)
+    else:
+      _empty(ax, "no data")
+    ax.grid(alpha=0.3)
+  if pre:
+    ax = axes[2]
+    for i, ((arm, peft, _), group) in enumerate(_groups(pre).items()):
+      c = colors[(len(groups) + i) % len(colors)]
+      kind = group[0]["pretext"] or "pretext"
+      label = f"{arm} {kind}" + (f" ({peft})" if multi_peft else "")
+      ok = _plot_arm(ax, [_series(r["rows"], "train", "loss") for r in group], c, f"{label} train")
+      val = [_series(r["rows"], "val", "loss") for r in group]
+      if any(s.size for s, _ in val):
+        for s, v in val:
+          ax.plot(s, v, color=c, ls="--", lw=1.5, marker="s", ms=4, alpha=0.8)
+        ax.plot([], [], color=c, ls="--", marker="s", label=f"{label} val")
+        ok = True
+      if not ok:
+        _empty(ax, "no data")
+    ax.set(title="TPP: pretext loss (target params only)", xlabel="step", ylabel="loss")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return _save(fig, out_png)
+
+
+def _display(x, mean=None, std=None) -> np.ndarray:
+  """(N, H, W, C) normalised images -> [0, 1] for imshow; C=1 (or no C) -> (N, H, W)."""
+  x = np.asarray(x, np.float32)
+  if x.ndim == 3:
+    x = x[..., None]
+  if std is not None:
+    x = x * np.asarray(std, np.float32).reshape(-1)
+  if mean is not None:
+    x = x + np.asarray(mean, np.float32).reshape(-1)
+  x = np.clip(x, 0.0, 1.0)
+  return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def _imshow(ax, img: np.ndarray):
+  ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def plot_reconstructions(originals, masked, recons, out_png, mean=None, std=None) -> pathlib.Path:
+  """Grid of MAE reconstructions: rows = images, columns = masked input / reconstruction / original.
+
+  Args:
+    originals, masked, recons: float arrays (N, H, W, C), C 1 or 3, normalised with mean/std.
+    out_png: output path.
+    mean, std: the data normalisation (per channel or scalar); None = already in [0, 1].
+
+  Returns:
+    The PNG path.
+  """
+  cols = [("masked input", _display(masked, mean, std)), ("reconstruction", _display(recons, mean, std)),
+          ("original", _display(originals, mean, std))]
+  n = cols[0][1].shape[0]
+  fig = Figure(figsize=(3 * 1.8, n * 1.8 + 0.3))
+  axes = fig.subplots(n, 3, squeeze=False)
+  for i in range(n):
+    for j, (title, imgs) in enumerate(cols):
+      _imshow(axes[i, j], imgs[i])
+      if i == 0:
+        axes[i, j].set_title(title, fontsize=9)
+  fig.tight_layout()
+  return _save(fig, out_png)
+
+
+def _labels(x) -> np.ndarray:
+  """Masks / predictions as (N, H, W) ints; logits (N, H, W, K) are arg-maxed."""
+  x = np.asarray(x)
+  if x.ndim == 4:
+    x = x[..., 0] if x.shape[-1] == 1 else x.argmax(-1)
+  return x.astype(np.int64)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+  a, b = a > 0, b > 0
+  s = a.sum() + b.sum()
+  return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
+
+
+def _overlay(ax, img, labels, num_classes: int, color: str, contour=None):
+  """Image with the foreground classes filled (binary: `color`; more classes: tab10) and a contour."""
+  from matplotlib import colormaps
+  from matplotlib.colors import ListedColormap
+  _imshow(ax, img)
+  if num_classes <= 2:
+    cmap, vmin, vmax = ListedColormap([color]), 0, 1
+  else:  # class c -> tab10 colour c (cycling)
+    cmap, vmin, vmax = colormaps["tab10"], 0, 10
+    labels = np.where(labels > 0, (labels - 1) % 9 + 1, 0)
+  ax.imshow(np.ma.masked_where(labels == 0, labels), cmap=cmap, alpha=0.4, vmin=vmin, vmax=vmax,
+            interpolation="nearest")
+  if contour is not None and contour.any() and not contour.all():
+    ax.contour(contour.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
+
+
+def plot_segmentation_overlays(images, masks, preds, out_png, mean=None, std=None) -> pathlib.Path:
+  """Per image: ground truth (overlay + contour) and prediction (overlay + ground-truth contour).
+
+  Args:
+    images: float (N, H, W, C), normalised with mean/std.
+    masks: int (N, H, W) ground-truth class indices (0 = background).
+    preds: int (N, H, W) predicted classes, or logits (N, H, W, K).
+    out_png: output path.
+    mean, std: the data normalisation; None = images already in [0, 1].
+
+  Returns:
+    The PNG path.
+  """
+  imgs, masks, preds = _display(images, mean, std), _labels(masks), _labels(preds)
+  n = imgs.shape[0]
+  k = int(max(masks.max(initial=0), preds.max(initial=0))) + 1
+  fig = Figure(figsize=(2 * 2.2, n * 2.2 + 0.3))
+  axes = fig.subplots(n, 2, squeeze=False)
+  for i in range(n):
+    _overlay(axes[i, 0], imgs[i], masks[i], k, "lime", contour=masks[i] > 0)
+    _overlay(axes[i, 1], imgs[i], preds[i], k, "red", contour=masks[i] > 0)
+    axes[i, 0].set_title("ground truth" if i == 0 else "", fontsize=9)
+    axes[i, 1].set_title(("prediction (GT contour), " if i == 0 else "") + f"dice {_dice(masks[i], preds[i]):.3f}",
+                         fontsize=9)
+  fig.tight_layout()
+  return _save(fig, out_png)
+
+
+# ----------------------------------------------------------------------------------------------
+# report.md
+
+
+def _uniq(values) -> str:
+  vals = []
+  for v in values:
+    s = "''" if v in ("", None) else str(v)
+    if s not in vals:
+      vals.append(s)
+  return ", ".join(f"`{v}`" for v in vals) if vals else "n/a"
+
+
+def _peft_desc(cfg: dict) -> str:
+  p = _get(cfg, "peft", {}) or {}
+  t = p.get("type", "none")
+  if t in ("lora", "dora"):
+    return f"{t} (rank {p.get('rank')}, alpha {p.get('alpha')}, targets {p.get('targets')})"
+  if "adapter" in str(t):
+    return f"{t} (dim {p.get('adapter_dim')})"
+  if "prompt" in str(t) or "vpt" in str(t):
+    return f"{t} ({p.get('num_prompts')} prompts{', deep' if p.get('deep') else ''})"
+  return str(t)
+
+
+def _pretext_desc(cfg: dict) -> str:
+  p = _get(cfg, "pretext", {}) or {}
+  t = p.get("type", "")
+  if t == "mae":
+    return f"mae (mask ratio {p.get('mask_ratio')}, norm_pix_loss {p.get('norm_pix_loss')})"
+  return str(t)
+
+
+def _setup_lines(records: Sequence[dict], top_cfg: dict | None) -> list[str]:
+  down = [r for r in records if r["stage"] not in PRETEXT_STAGES] or list(records)
+  pre = [r for r in records if r["stage"] == "tpp"]
+  cfgs = [r["config"] for r in down]
+  lines = [
+      f"- backbone init: {_uniq(r['init'] or _get(r['config'], 'init.path', '') for r in down)}",
+      f"- model: {_uniq(_get(c, 'model.variant') for c in cfgs)}, image size "
+      f"{_uniq(_get(c, 'model.image_size') for c in cfgs)}",
+      f"- PEFT: {_uniq(_peft_desc(c) for c in cfgs)}",
+      f"- pretext (TPP): {_uniq(_pretext_desc(r['config']) for r in pre) if pre else _uniq(_pretext_desc(c) for c in cfgs)}",
+      f"- task: {_uniq('%s (%s classes)' % (_get(c, 'task.type'), _get(c, 'task.num_classes')) for c in cfgs)}",
+      f"- data: {_uniq(_get(c, 'data.path') for c in cfgs)} (source {_uniq(_get(c, 'data.source') for c in cfgs)})",
+      f"- fine-tune steps: {_uniq(r['steps'] for r in down)}, batch size {_uniq(_get(c, 'batch_size') for c in cfgs)}, "
+      f"lr {_uniq(_get(c, 'optim.lr') for c in cfgs)}",
+  ]
+  if pre:
+    lines.append(f"- TPP steps: {_uniq(r['steps'] for r in pre)}, batch size "
+                 f"{_uniq(_get(r['config'], 'batch_size') for r in pre)}, lr {_uniq(_get(r['config'], 'optim.lr') for r in pre)}")
+  seeds = sorted({r["seed"] for r in records if r["seed"] is not None})
+  lines.append(f"- seeds: {', '.join(map(str, seeds)) or 'n/a'}")
+  if top_cfg and _get(top_cfg, "stage") == "pipeline":
+    lines.append(f"- pipeline: {_get(top_cfg, 'seeds')} seed(s) from seed {_get(top_cfg, 'seed')}")
+  return lines
+
+
+def _pretext_table(records: Sequence[dict]) -> str:
+  pre = [r for r in records if r["stage"] in PRETEXT_STAGES]
+  if not pre:
+    return ""
+  lines = ["| arm | stage | pretext | peft | n | final train loss | val loss |", "|---|---|---|---|---:|---:|---:|"]
+  for (arm, peft, _), group in _groups(pre).items():
+    last = []
+    for r in group:
+      s, v = _series(r["rows"], "train", "loss")
+      last.append(v[-1] if v.size else None)
+    val = [r["final"].get("val", {}).get("loss") for r in group]
+    lines.append(f"| `{arm}` | {group[0]['stage']} | {group[0]['pretext']} | {peft} | {len(group)} | "
+                 f"{_mean_std(last)} | {_mean_std(val)} |")
+  return "\n".join(lines)
+
+
+def _cost_table(records: Sequence[dict]) -> str:
+  lines = ["| arm | stage | peft | n | total params | trainable | target | head | images/s | wall time / run (s) "
+           "| wall time, all seeds (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for (arm, peft, _), g in _groups(records).items():
+    p = lambda k: _count(r["params"].get(k) for r in g)  # noqa: E731
+    total_wall = _finite(r["wall_time_s"] for r in g)
+    lines.append(f"| `{arm}` | {g[0]['stage']} | {peft} | {len(g)} | {p('total')} | {p('trainable')} | {p('target')} | "
+                 f"{p('head')} | {_mean_fmt(r['images_per_sec'] for r in g)} | "
+                 f"{_mean_fmt(r['wall_time_s'] for r in g)} | {total_wall.sum():.1f} |")
+  return "\n".join(lines)
+
+
+def _link(path: str, start: pathlib.Path) -> str:
+  return pathlib.Path(os.path.relpath(path, start)).as_posix()
+
+
+def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
+  """Writes `pipeline_dir/report.md` (and `learning_curves.png` beside it).
+
+  Args:
+    pipeline_dir: a `pipeline` workdir (seed_*/{tpp,tpp_finetune,baseline}) or any folder of runs.
+    extra_runs: more folders whose runs join the comparison.
+
+  Returns:
+    The path of report.md.
+
+  Raises:
+    NoRunsError: a given folder holds no run folder.
+  """
+  wd = pathlib.Path(pipeline_dir)
+  records = []
+  for d in [wd, *extra_runs]:
+    d = pathlib.Path(d)
+    if not d.is_dir():
+      raise NoRunsError(f"{d} is not a folder.")
+    found = collect([d])
+    if not found:
+      raise NoRunsError(f"No runs under {d}: a run folder holds summary.json (the --workdir of a finished "
+                        "training run, or a pipeline folder with seed_*/tpp_finetune, seed_*/baseline).")
+    records += found
+  records = collect([r["path"] for r in records])  # dedupe and sort
+  top_cfg = _read_json(wd / "config.json") if (wd / "config.json").exists() else None
+  curves = plot_learning_curves(records, wd / "learning_curves.png")
+
+  md = [f"# TPP vs plain PEFT: `{wd.resolve().name}`", "",
+        "**TPP** (Target Parameter Pre-training): the PEFT parameters (e.g. LoRA) are first trained with a "
+        "self-supervised pretext task (MAE / DINO) on the downstream images, backbone frozen, then fine-tuned "
+        "on the task (`tpp_finetune`).  ",
+        "**Baseline**: the same PEFT fine-tuning from the usual random init of those parameters (`baseline`), "
+        "with the same seeds, data and step budget.  ",
+        "**TPP − baseline**: mean ± std over seeds of the per-seed paired differences (positive = TPP better "
+        "for all metrics shown).", "",
+        "## Setup", "", *_setup_lines(records, top_cfg), "",
+        "## Test metrics", "", metric_table(records, "test"), "",
+        "## Validation metrics", "", metric_table(records, "val"), "",
+        "Mean ± std over seeds (std with ddof=1; `n/a` for a single seed); metrics of the final step.", ""]
+  pre = _pretext_table(records)
+  if pre:
+    md += ["## TPP pretext", "", pre, ""]
+  md += ["## Learning curves", "", f"![learning curves]({_link(str(curves), wd)})", "",
+         "Thin lines: single seeds; thick lines: mean over seeds.", ""]
+  for name, title, caption in FIGURES:
+    if (wd / name).exists():
+      md += [f"## {title}", "", f"![{title}]({name})", "", caption, ""]
+  md += ["## Parameters, wall time and throughput", "", _cost_table(records), "",
+         "images/s: training throughput after compilation; wall time includes evaluation and checkpointing. "
+         "The TPP arm's total cost is `tpp` + `tpp_finetune`.", "",
+         "## Runs", ""]
+  for r in records:
+    rel = _link(r["path"], wd)
+    md.append(f"- `{r['arm']}` seed {r['seed']} ({r['stage']}, {r['peft']}): [{rel}]({rel}/summary.json)")
+  out = wd / "report.md"
+  out.write_text("\n".join(md) + "\n")
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+  ap = argparse.ArgumentParser(prog="python -m tpp_jax.report", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                  help="pipeline / run folders; report.md is written into the first")
+  a = ap.parse_args(argv)
+  try:
+    path = write_report(a.run_dirs[0], a.run_dirs[1:])
+  except (NoRunsError, FileNotFoundError) as e:
+    ap.error(str(e))
+  print(f"Report: {path}")
+  return path
+
+
+if __name__ == "__main__":
+  main()
