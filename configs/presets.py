@@ -18,8 +18,7 @@ def house_model(c):
   """ViT-Ti/8 with 6 blocks at 64 px, as pre-trained by configs/house_backbone.py (MAE, natural photos)."""
   c.model.update(variant="Ti/8", depth=6, image_size=64, channels=3, pooling="gap", pos_emb="sincos")
   c.data.update(image_size=64, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  if HOUSE_BACKBONE.exists():
-    c.init.update(path=str(HOUSE_BACKBONE), format="tpp")
+  c.init.update(path=str(HOUSE_BACKBONE), format="tpp")
 
 
 def demo(c):

@@ -138,3 +138,19 @@ def test_nan_loss_stops_with_a_clear_error(pneumonia_npz, tmp_path):
   c = _cfg(pneumonia_npz, "steps=4,log_every=1,optim.lr=1e30,optim.clip_norm=0.0,checkpoint_every=0")
   with pytest.raises(engine.TrainingError, match="Lower optim.lr"):
     engine.train(c, tmp_path / "run")
+
+
+def test_fsdp_sharded_params_give_the_same_step(pneumonia_npz, tmp_path):
+  c = _cfg(pneumonia_npz, "stage=full")
+  t_rep = engine.Trainer(c, tmp_path / "a")
+  c2 = _cfg(pneumonia_npz, "stage=full,fsdp=True")
+  t_fsdp = engine.Trainer(c2, tmp_path / "b")
+  sharded = [x for x in jax.tree_util.tree_leaves(t_fsdp.state["params"]) if len(x.sharding.device_set) == 8
+             and not x.sharding.is_fully_replicated]
+  assert sharded, "fsdp=True sharded no parameter"
+  batch = next(t_rep.train_iterator())
+  s1, m1 = t_rep.train_step(t_rep.state, engine.global_batch(batch, t_rep.mesh), t_rep.base_rng)
+  s2, m2 = t_fsdp.train_step(t_fsdp.state, engine.global_batch(batch, t_fsdp.mesh), t_fsdp.base_rng)
+  assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-5
+  for a, b in zip(jax.tree_util.tree_leaves(s1["params"]), jax.tree_util.tree_leaves(s2["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

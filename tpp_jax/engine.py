@@ -381,14 +381,18 @@ class Trainer:
       if c.eval_every and done % int(c.eval_every) == 0 and done != steps:
         best = self._eval_and_keep_best(done, logger, store, best)
       if c.checkpoint_every and done % int(c.checkpoint_every) == 0 and done != steps:
+        self._check_finite(jax.device_get(mets), done, store)  # never checkpoint NaN parameters
         store.save(done, self.state, {"data_iter": it.get_state()})
     if stop < steps:  # a deliberate stop (stop_after): checkpoint and leave; rerun to resume
+      if mets is not None:
+        self._check_finite(jax.device_get(mets), stop, store)
       store.save(stop, self.state, {"data_iter": it.get_state()}, force=True)
       store.close()
       logger.close()
       print(f"Stopped at step {stop} of {steps} (stop_after); rerun the same command to resume.")
       return {"stage": c.stage, "stopped_at": stop}
     if mets is not None and jax.device_get(self.state["step"]) == steps:
+      self._check_finite(jax.device_get(mets), steps, store)
       store.save(steps, self.state, {"data_iter": it.get_state()}, force=True)
     final = {}
     for split in c.eval_splits:
