@@ -10,7 +10,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from presets import PRESETS  # noqa: E402
 
-from tpp_jax.config import apply_arg, base_config  # noqa: E402
+from tpp_jax.config import apply_arg, base_config, split_arg  # noqa: E402
 
 TRAIN_IMAGES = 44_000  # 45,000 minus the 1,000 held-out photographs (data.val_count)
 
@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.eval_every = 500
   c.checkpoint_every = 250
   c.keep_checkpoints = 2
-  arg_tokens = [t for t in (arg or "").split(",") if t]
+  arg_tokens = split_arg(arg or "")
   epochs = [t for t in arg_tokens if t.startswith("epochs=")]
   if epochs:
     c.epochs = int(epochs[0].split("=")[1])

@@ -16,9 +16,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def house_model(c):
   """ViT-Ti/8 with 6 blocks at 64 px, as pre-trained by configs/house_backbone.py (MAE, natural photos)."""
-  c.model.update(variant="Ti/8", depth=6, image_size=64, channels=3, pooling="gap", pos_emb="sincos")
+  c.model.update(variant="Ti6/8", image_size=64, channels=3, pooling="gap", pos_emb="sincos")
   c.data.update(image_size=64, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  c.init.update(path=str(HOUSE_BACKBONE), format="tpp")
+  c.init.update(path=str(HOUSE_BACKBONE), format="auto")
 
 
 def demo(c):

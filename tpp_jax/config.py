@@ -100,11 +100,32 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def split_arg(arg: str) -> list[str]:
+  """Split on commas outside brackets and quotes: 'a=1,b=(1,2),c' -> ['a=1', 'b=(1,2)', 'c']."""
+  tokens, depth, quote, cur = [], 0, None, []
+  for ch in arg:
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      tokens.append("".join(cur))
+      cur = []
+      continue
+    cur.append(ch)
+  tokens.append("".join(cur))
+  return [t.strip() for t in tokens if t.strip()]
+
+
 def apply_arg(config: mlc.ConfigDict, arg: str | None,
               presets: Mapping[str, Callable[[mlc.ConfigDict], None]] | None = None) -> mlc.ConfigDict:
   """Apply a config-string argument: comma list of preset names and key=value overrides."""
   presets = presets or {}
-  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+  for token in split_arg(arg or ""):
     if "=" in token:
       k, v = token.split("=", 1)
       apply_overrides(config, {k.strip(): parse_value(v.strip())})

@@ -23,6 +23,7 @@ from tpp_jax.models.peft import Adapter, Norm, PeftConfig, PeftDense
 # name -> (width, depth, heads, mlp_dim)
 VARIANTS = {
     "Mu": (64, 4, 2, 256),       # test-sized
+    "Ti6": (192, 6, 3, 768),     # the house backbone: ViT-Ti with 6 blocks
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "M": (512, 12, 8, 2048),
@@ -77,7 +78,7 @@ class ViTConfig:
   @classmethod
   def from_variant(cls, variant: str, **overrides) -> "ViTConfig":
     """'B/16' -> ViT-B with 16 px patches; keyword overrides win (width=..., depth=..., ...)."""
-    m = re.fullmatch(r"([A-Za-z]+)/(\d+)", variant)
+    m = re.fullmatch(r"([A-Za-z]+\d*)/(\d+)", variant)
     if not m or m.group(1) not in VARIANTS:
       raise ValueError(f"model.variant={variant!r}; expected NAME/PATCH with NAME in {sorted(VARIANTS)} (e.g. 'Ti/16').")
     w, d, h, mlp = VARIANTS[m.group(1)]
