@@ -159,10 +159,8 @@ def load_backbone_tpp(path) -> tuple[dict, dict | None]:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"{folder} holds no complete checkpoint.")
-    meta = mngr.item_metadata(step)
-    abstract = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), dict(meta["state"])["params"])
-    tree, _ = load_subtree(path, abstract)
-    tree = jax.tree_util.tree_map(np.asarray, tree)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    tree = jax.tree_util.tree_map(np.asarray, dict(restored["state"]["params"]))
     mngr.close()
   enc = tree.get("encoder")
   if enc is None:
