@@ -40,6 +40,21 @@ def timeit(fn, steps, repeats=3):
   return float(np.median(times))
 
 
+def _runner(loss_fn, tx, params, opt):
+  """A closure doing one jitted forward + backward + optimizer step (blocking)."""
+  @jax.jit
+  def step(p, o):
+    l, g = jax.value_and_grad(loss_fn)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, l
+
+  state = [params, opt]
+  def run():
+    state[0], state[1], l = step(*state)
+    l.block_until_ready()
+  return run
+
+
 def jax_mae_step(cfg, dec_cfg, batch, visible_only: bool):
   enc, dec = ViT(cfg), MAEDecoder(dec_cfg, cfg)
   x = jax.random.normal(jax.random.key(0), (batch, cfg.image_size, cfg.image_size, cfg.channels))
@@ -62,17 +77,7 @@ def jax_mae_step(cfg, dec_cfg, batch, visible_only: bool):
       pred = dec.apply({"params": p["decoder"]}, t, full_restore)
     return mae_loss(pred, x, mask, cfg.patch, True)
 
-  @jax.jit
-  def step(p, o):
-    l, g = jax.value_and_grad(loss_fn)(p)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, l
-
-  state = [params, opt]
-  def run():
-    state[0], state[1], l = step(*state)
-    l.block_until_ready()
-  return run
+  return _runner(loss_fn, tx, params, opt)
 
 
 def jax_lora_step(cfg, batch):
@@ -90,17 +95,7 @@ def jax_lora_step(cfg, batch):
     logits = head.apply({"params": p["head"]}, enc.apply({"params": p["encoder"]}, x)["pooled"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  @jax.jit
-  def step(p, o):
-    l, g = jax.value_and_grad(loss_fn)(p)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, l
-
-  state = [params, opt]
-  def run():
-    state[0], state[1], l = step(*state)
-    l.block_until_ready()
-  return run
+  return _runner(loss_fn, tx, params, opt)
 
 
 def torch_steps(cfg, dec_cfg, batch):
