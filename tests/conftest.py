@@ -38,11 +38,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def load_config(name: str, arg: str | None = None):
   """get_config(arg) of configs/NAME.py, as `--config configs/NAME.py:ARG` would."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from tpp_jax.config import load_config_file
+  return load_config_file(f"{ROOT / 'configs' / name}.py" + (f":{arg}" if arg else ""))
 
 
 def run_cli(args, cwd=None, timeout=600):

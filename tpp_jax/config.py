@@ -7,7 +7,9 @@ A config file defines `get_config(arg=None)` and usually starts from `base_confi
 from __future__ import annotations
 
 import ast
+import difflib
 import json
+import pathlib
 from typing import Any, Callable, Mapping
 
 import ml_collections as mlc
@@ -79,18 +81,42 @@ def base_config() -> mlc.ConfigDict:
   return c
 
 
+def check_key(config: mlc.ConfigDict, key: str) -> None:
+  """Raise ConfigError if the dotted `key` is not a field of `config` (names the close match and valid keys)."""
+  node, parts = config, key.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, mlc.ConfigDict) or part not in node:
+      where = ".".join(parts[:i]) or "the top level"
+      valid = sorted(node.keys()) if isinstance(node, mlc.ConfigDict) else []
+      close = difflib.get_close_matches(part, valid, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"Unknown config key {key!r}: {part!r} is not a field of {where}.{hint} "
+                        f"Valid keys there: {', '.join(valid)}.")
+    node = node[part]
+
+
 def apply_overrides(config: mlc.ConfigDict, overrides: Mapping[str, Any]) -> mlc.ConfigDict:
   """Dotted-key overrides ('peft.rank': 4); unknown keys raise ConfigError naming valid ones."""
   for key, value in overrides.items():
-    node, parts = config, key.split(".")
-    for part in parts[:-1]:
-      if part not in node:
-        raise ConfigError(f"Unknown config key {key!r}: {part!r} not in {sorted(node.keys())}.")
+    check_key(config, key)
+    *path, last = key.split(".")
+    node = config
+    for part in path:
       node = node[part]
-    if parts[-1] not in node:
-      raise ConfigError(f"Unknown config key {key!r}; valid keys here: {sorted(node.keys())}.")
-    node[parts[-1]] = value
+    node[last] = value
   return config
+
+
+def load_config_file(spec: str) -> mlc.ConfigDict:
+  """`configs/NAME.py[:ARG]` -> get_config(ARG), as `--config` loads it."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  if not pathlib.Path(path).is_file():
+    raise ConfigError(f"--config {path!r} is not a file; e.g. --config configs/default.py")
+  mod_spec = importlib.util.spec_from_file_location("tpp_user_config", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def parse_value(text: str) -> Any:

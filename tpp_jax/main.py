@@ -60,6 +60,30 @@ def _fail(msg: str):
   sys.exit(2)
 
 
+def explain_override_error(argv) -> str | None:
+  """config_flags reports an unknown `--config.a.b=V` key as a bare AttributeError; name it and the valid keys."""
+  from tpp_jax import config as config_lib
+  spec, keys = None, []
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif a.startswith("--config."):
+      keys.append(a[len("--config."):].split("=", 1)[0])
+  if not spec or not keys:
+    return None
+  try:
+    config = config_lib.load_config_file(spec)
+    for key in keys:
+      config_lib.check_key(config, key)
+  except config_lib.ConfigError as e:
+    return str(e)
+  except Exception:  # noqa: BLE001 - the config file itself is broken: let the original error speak
+    return None
+  return None
+
+
 def entry():
   # config_flags raises on unknown --config.x keys / bad values while flags are parsed: show one line.
   try:
@@ -68,7 +92,7 @@ def entry():
     raise
   except Exception as e:  # noqa: BLE001 - last resort so users never get a traceback wall for bad input
     if not os.environ.get("TPP_DEBUG") and isinstance(e, (flags.Error, AttributeError, ValueError, KeyError, TypeError, FileNotFoundError)):
-      _fail(f"{type(e).__name__}: {e}")
+      _fail(explain_override_error(sys.argv) or f"{type(e).__name__}: {e}")
     raise
 
 
