@@ -32,8 +32,7 @@ def get_config(arg=None):
   c.stage = "pipeline"
   c.seed = 0
   c.peft.update(type="lora", rank=8, alpha=8.0, targets="q,v")
-  c.pretext.update(type="mae", mask_ratio=0.75, norm_pix_loss=True,
-                   decoder_width=128, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=512)
+  c.pretext.update(type="mae", mask_ratio=0.75, norm_pix_loss=True)  # decoder: the house backbone's
   c.data.augment.update(crop_scale=(0.8, 1.0), hflip=False)  # chest X-rays: keep left/right
   c.pipeline.update(tpp_steps=300, tpp_lr=1e-3, tpp_batch_size=64)
   c.steps = 200

@@ -19,6 +19,7 @@ def house_model(c):
   c.model.update(variant="Ti6/8", image_size=64, channels=3, pooling="gap", pos_emb="sincos")
   c.data.update(image_size=64, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
   c.init.update(path=str(HOUSE_BACKBONE), format="auto")
+  c.pretext.update(decoder_width=128, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=512)  # its MAE decoder
 
 
 def demo(c):

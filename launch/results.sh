@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's results table: TPP vs plain PEFT with the house backbone, 3 seeds, two PEFT methods,
+# The README's results table: TPP vs plain PEFT with the house backbone, 3 seeds, two PEFT methods (LoRA, Houlsby adapters),
 # chest X-ray classification and Kvasir-SEG segmentation (../shared/data), plus the linear probes.
+# Pretext: MAE with the house backbone's own decoder; DINO too for pneumonia + LoRA.
 # Usage: bash launch/results.sh [OUT=runs/results]   (each line can run on its own; reruns resume)
 set -euo pipefail
 OUT=${1:-runs/results}
@@ -10,10 +11,11 @@ KV="kvasir,house,stage=pipeline,seeds=3,steps=150,pipeline.tpp_steps=200,batch_s
 case "${2:-all}" in
   pneumonia|all)
     run "configs/experiment.py:$PN,peft.type=lora" "$OUT/pneumonia_lora"
-    run "configs/experiment.py:$PN,peft.type=dora" "$OUT/pneumonia_dora" ;;&
+    run "configs/experiment.py:$PN,peft.type=adapter" "$OUT/pneumonia_adapter"
+    run "configs/experiment.py:$PN,peft.type=lora,pretext.type=dino" "$OUT/pneumonia_lora_dino" ;;&
   kvasir|all)
     run "configs/experiment.py:$KV,peft.type=lora" "$OUT/kvasir_lora"
-    run "configs/experiment.py:$KV,peft.type=dora" "$OUT/kvasir_dora" ;;&
+    run "configs/experiment.py:$KV,peft.type=adapter" "$OUT/kvasir_adapter" ;;&
   probe|all)
     run "configs/experiment.py:demo,house,stage=linear,steps=300,optim.lr=1e-2" "$OUT/probe_house"
     run "configs/experiment.py:demo,house,stage=linear,steps=300,optim.lr=1e-2,init.path=''" "$OUT/probe_random" ;;

@@ -120,3 +120,20 @@ def test_bad_enum_in_process(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"pretext.type='simclr' is not valid; choose one of \['mae', 'dino'\]"):
     main.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # nothing written for a rejected config
+
+
+def test_checkpoint_decoder_that_does_not_fit_is_one_error_not_a_half_load(tmp_path):
+  """The house backbone ships a 1-block MAE decoder: a 2-block config must not get 1 loaded + 1 random block."""
+  from tpp_jax import engine
+  c = load_config("experiment", "demo,house,stage=tpp,pretext.decoder_depth=2,data.max_train_examples=32")
+  with pytest.raises(config_lib.ConfigError, match=r"decoder.*blocks_1.*init\.load_decoder=False") as e:
+    engine.Trainer(c, tmp_path / "run")
+  msg = str(e.value)
+  assert "1 block(s) of width 128" in msg and "(now 128/2/4/512)" in msg, msg  # what it has, what was asked
+  assert isinstance(e.value, main.USER_ERRORS)
+  ok = load_config("experiment", "demo,house,stage=tpp,pretext.decoder_depth=2,init.load_decoder=False,"
+                   "data.max_train_examples=32")
+  assert "MAE decoder" not in engine.Trainer(ok, tmp_path / "run2").init_source  # random decoder, said so
+  house = engine.Trainer(load_config("experiment", "demo,house,stage=tpp,data.max_train_examples=32"),
+                         tmp_path / "run3")
+  assert house.init_source.endswith("(+ MAE decoder)")  # the preset's decoder is the checkpoint's, whole

@@ -27,6 +27,13 @@ def test_default_smoke_pipeline_writes_report_and_all_arms(tmp_path):
   assert "tpp_finetune" in report and "baseline" in report
   assert out["report"].endswith("report.md")
 
+  # a rerun of the finished pipeline reuses every arm: nothing is retrained, re-evaluated or rewritten
+  summaries = {a: (tmp_path / "seed_0" / a / "summary.json") for a in ("tpp", "tpp_finetune", "baseline")}
+  before = {a: (p.stat().st_mtime_ns, p.read_text()) for a, p in summaries.items()}
+  again = pipeline.run(c, tmp_path)
+  assert {a: (p.stat().st_mtime_ns, p.read_text()) for a, p in summaries.items()} == before
+  assert again["runs"] == out["runs"]
+
 
 def test_eval_stage_reproduces_the_final_metrics(tmp_path, pneumonia_npz):
   c = load_config("experiment", "pneumonia,smoke,px32,steps=4")

@@ -104,15 +104,34 @@ def init_params(config, encoder: ViT, objective, sample_batch, rng):
     enc_params = reset_dora_magnitudes(enc_params, encoder.peft)
   extra, aux = objective.init(r_obj, enc_params, {k: jnp.asarray(v) for k, v in sample_batch.items()})
   if dec_loaded is not None and "decoder" in extra and config.init.load_decoder:
-    try:
-      extra["decoder"] = _merge_into(extra["decoder"], dec_loaded, "decoder")
-      source += " (+ MAE decoder)"
-    except ValueError as e:
-      print(f"note: checkpoint decoder not used ({e}); the MAE decoder starts from random init.")
+    extra["decoder"] = _load_decoder(config, extra["decoder"], dec_loaded)
+    source += " (+ MAE decoder)"
   params = {"encoder": enc_params, **extra}
   if "teacher" in aux:  # DINO: the teacher starts as a copy of the (loaded) student
     aux = {**aux, "teacher": jax.tree_util.tree_map(jnp.array, params)}
   return params, aux, source
+
+
+def _load_decoder(config, template: dict, loaded: dict) -> dict:
+  """The checkpoint's MAE decoder, all of it, or one error: a half-loaded decoder is never used silently."""
+  from tpp_jax.partition import flat_paths
+  missing = sorted(set(flat_paths(template)) - set(flat_paths(loaded)))
+  p = config.pretext
+  fix = (f"Set pretext.decoder_width/decoder_depth/decoder_heads/decoder_mlp_dim to the checkpoint's decoder "
+         f"(now {p.decoder_width}/{p.decoder_depth}/{p.decoder_heads}/{p.decoder_mlp_dim}), or "
+         "--config.init.load_decoder=False to train a new decoder from random init.")
+  if missing:
+    have = flat_paths(loaded)
+    blocks = len({k.split("/")[0] for k in have if k.startswith("blocks_")})
+    width = np.shape(loaded.get("embed", {}).get("kernel", ()))[-1:] or ("?",)
+    raise ConfigError(f"The MAE decoder in init.path={config.init.path!r} does not fit the configured one: the "
+                      f"checkpoint's has {blocks} block(s) of width {width[0]}; missing from it: "
+                      f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}. {fix}")
+  try:
+    return _merge_into(template, loaded, "decoder")
+  except ValueError as e:
+    raise ConfigError(f"The MAE decoder in init.path={config.init.path!r} does not fit the configured one: {e} "
+                      f"{fix}") from None
 
 
 def load_target_init(config, params, labels) -> tuple[dict, dict]:

@@ -50,14 +50,22 @@ def run(config, workdir) -> dict:
   (wd / "config.json").write_text(config_lib.to_json(config))
   seeds = [int(config.seed) + i for i in range(int(config.seeds))]
   summaries, trainers = {}, {}
+  need_figures = not all((wd / f).exists() for f in figure_files(config))
   for seed in seeds:
     for arm, cfg in arm_configs(config, seed, wd).items():
+      sub = wd / f"seed_{seed}" / arm
+      done = finished_summary(cfg, sub)
+      if done is not None and not (need_figures and seed == seeds[0]):
+        print(f"== seed {seed}: {arm}: finished earlier, summary reused ({sub}) ==", flush=True)
+        summaries[(seed, arm)] = done
+        continue
       print(f"== seed {seed}: {arm} ==", flush=True)
-      t = engine.Trainer(cfg, wd / f"seed_{seed}" / arm)
+      t = engine.Trainer(cfg, sub)
       summaries[(seed, arm)] = t.run()
       if seed == seeds[0]:
         trainers[arm] = t
-  figures(config, wd, trainers)
+  if need_figures:
+    figures(config, wd, trainers)
   path = None
   if config.pipeline.report:
     from tpp_jax import report
@@ -66,6 +74,26 @@ def run(config, workdir) -> dict:
   print(comparison_table(summaries, config.task.type))
   return {"report": str(path) if path else None,
           "runs": {f"seed_{s}/{a}": v.get("final") for (s, a), v in summaries.items()}}
+
+
+def finished_summary(cfg, sub: pathlib.Path) -> dict | None:
+  """The summary of a sub-run that already trained all `cfg.steps` with this config, else None.
+
+  A rerun of a finished pipeline then costs nothing (no re-compilation, no re-evaluation, wall times kept);
+  a sub-run with a different config still gets engine.check_workdir's refusal.
+  """
+  path = sub / "summary.json"
+  if not path.exists():
+    return None
+  engine.check_workdir(cfg, sub)
+  summary = json.loads(path.read_text())
+  return summary if summary.get("steps") == int(cfg.steps) and "final" in summary else None
+
+
+def figure_files(config) -> list[str]:
+  """The pipeline's own figures for this config (besides the report's learning curves)."""
+  return ((["mae_reconstructions.png"] if config.pretext.type == "mae" else [])
+          + (["segmentation_overlays.png"] if config.task.type == "segmentation" else []))
 
 
 def comparison_table(summaries: dict, task: str) -> str:
