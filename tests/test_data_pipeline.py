@@ -209,3 +209,32 @@ def test_train_iter_with_real_transform_is_fast_enough(pneumonia_npz):
   for b in itertools.islice(pipeline.train_iter(src, fn, 64, seed=0), 3):
     assert b['image'].shape == (64, 64, 64, 3)
     assert -1.0 <= b['image'].min() and b['image'].max() <= 1.0
+
+
+@pytest.mark.parametrize('text,cores,want', [('0', 16, 0), ('3', 2, 3), ('auto', 16, 14), ('auto', 64, 16),
+                                             ('auto', 2, 0), (' AUTO ', 8, 6)])
+def test_resolve_workers(monkeypatch, text, cores, want):
+  monkeypatch.setattr('os.sched_getaffinity', lambda _: set(range(cores)), raising=False)
+  monkeypatch.setattr('os.cpu_count', lambda: cores)
+  assert pipeline.resolve_workers(text) == want
+
+
+@pytest.mark.parametrize('bad', ['-1', 'many', '2.5'])
+def test_resolve_workers_rejects(bad):
+  with pytest.raises(ValueError, match="data.workers"):
+    pipeline.resolve_workers(bad)
+
+
+def test_workers_give_the_same_batches_and_resume_exactly():
+  """grain multiprocessing (2 spawned workers) = in-process, batch for batch, and its state resumes."""
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  src = _IdSource(30)
+  expected = _take(pipeline.train_iter(src, _TRAIN, 8, seed=1), 9)
+  it = pipeline.train_iter(src, _TRAIN, 8, seed=1, num_workers=2)
+  got = _take(it, 5)  # crosses an epoch boundary
+  state = it.get_state()
+  fresh = pipeline.train_iter(src, _TRAIN, 8, seed=1, num_workers=2)
+  fresh.set_state(state)
+  got += _take(fresh, 4)
+  assert _same(got, expected)

@@ -56,7 +56,9 @@ def base_config() -> mlc.ConfigDict:
       source="npz", path="", image_size=224, channels=3, mean=(0.5,), std=(0.5,),
       augment=mlc.ConfigDict(dict(crop_scale=(0.7, 1.0), hflip=True, vflip=False, rotate=0.0, intensity=0.0)),
       balance=False, tfds_name="", tfds_data_dir="", val_count=1000,
-      max_train_examples=0, max_eval_examples=0))
+      max_train_examples=0, max_eval_examples=0,
+      workers="0",               # training-input processes (grain multiprocessing): "auto" | "0" (in-process) | "N"
+  ))
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=20, min_lr_ratio=0.01,
       layer_decay=1.0))

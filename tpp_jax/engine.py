@@ -334,7 +334,8 @@ class Trainer:
     c = self.config
     return data_pipeline.train_iter(self.sources["train"], self.train_fn, self.local_batch, int(c.seed),
                                     shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                    balance=bool(c.data.balance))
+                                    balance=bool(c.data.balance),
+                                    num_workers=data_pipeline.resolve_workers(c.data.get("workers", "0")))
 
   def evaluate(self, split: str, params=None, aux=None) -> dict:
     if split not in self.sources:

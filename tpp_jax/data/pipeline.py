@@ -175,6 +175,22 @@ def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
   return iter(ds)
 
 
+def resolve_workers(workers: str | int) -> int:
+  """``data.workers`` -> a process count: 'auto' = cores - 2 (at most 16; 0 below 4 cores), else int >= 0."""
+  import os
+  text = str(workers).strip().lower()
+  if text == 'auto':
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return 0 if cores < 4 else min(cores - 2, 16)
+  try:
+    n = int(text)
+  except ValueError:
+    n = -1
+  if n < 0:
+    raise ValueError(f"data.workers={workers!r}: use 'auto', '0' (read in-process) or a number of processes.")
+  return n
+
+
 def num_eval_batches(n: int, batch_size: int, shard_count: int = 1) -> int:
   """Batches every shard yields in ``eval_batches`` (equal across shards)."""
   return max(1, math.ceil(math.ceil(n / shard_count) / batch_size))
