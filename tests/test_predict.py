@@ -1,0 +1,176 @@
+"""python -m tpp_jax.predict: a trained run on new images (npz / folders of any size and format), the
+same predictions as its eval stage, unreadable files listed, one clear error for bad input, seg masks."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, load_config, run_cli
+from tpp_jax import main as tpp_main
+from tpp_jax import predict
+
+DEMO = ROOT / "tpp_jax" / "assets" / "demo_cxr_64" / "demo_cxr_64.npz"
+
+
+def run_predict(args):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "tpp_jax.predict", *map(str, args)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def read_csv(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def fails_cleanly(argv, capsys, match):
+  with pytest.raises(SystemExit) as e:
+    predict.main(argv + ["--no-progress"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "Traceback" not in err and err.startswith("error: "), err
+  assert match in err, err
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory):
+  """A tiny classification run on the shipped demo X-rays (full fine-tune, class weights: both classes
+  get predicted), evaluated on the whole test split by its `eval` stage through the CLI."""
+  wd = tmp_path_factory.mktemp("predict") / "run"
+  c = load_config("experiment", "demo,smoke,px32,stage=full,steps=30,optim.lr=3e-3,optim.warmup_steps=5,"
+                                "task.class_weights=True,data.max_eval_examples=0,eval_splits=('test',)")
+  tpp_main.run(c, str(wd))
+  r = run_cli(["--config", "configs/experiment.py:stage=eval,eval_splits=('test',),eval_checkpoint=latest",
+               "--workdir", str(wd)])
+  assert r.returncode == 0, r.stderr[-3000:]
+  return wd, json.loads((wd / "eval.json").read_text())["results"]["test"]
+
+
+def test_classification_matches_the_eval_stage(cls_run, tmp_path):
+  wd, ev = cls_run
+  with np.load(DEMO) as d:
+    images, labels = d["test_images"], d["test_labels"][:, 0]
+  # (i) the npz, through the CLI
+  r = run_predict([wd, DEMO, tmp_path / "npz", "--split", "test", "--checkpoint", "latest", "--no-progress"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = read_csv(tmp_path / "npz" / "predictions.csv")
+  assert list(rows[0]) == ["file", "prediction", "prob_0", "prob_1"] and rows[17]["file"] == "test[17]"
+  pred = np.asarray([int(x["prediction"]) for x in rows])
+  probs = np.asarray([[float(x["prob_0"]), float(x["prob_1"])] for x in rows])
+  np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+  acc = float(np.mean(pred == labels))
+  print(f"\n[predict vs eval, {len(rows)} demo test images] predictions.csv accuracy {acc:.6f}, "
+        f"eval.json accuracy {ev['accuracy']:.6f}")
+  assert acc == ev["accuracy"], (acc, ev)
+  assert 0 < pred.mean() < 1  # both classes are predicted: the comparison is not trivial
+  assert read_csv(tmp_path / "npz" / "errors.csv") == []
+
+  # (ii) the same images as files: 64 px in mixed formats (grey PNG, RGB PNG/BMP/TIFF) give the same numbers
+  same = tmp_path / "same"
+  (same / "sub").mkdir(parents=True)
+  n = 48
+  for i in range(n):
+    img = Image.fromarray(images[i])
+    if i % 4:
+      img = img.convert("RGB")
+    img.save(same / ("sub" if i % 2 else ".") / f"x{i:03d}{['.png', '.png', '.bmp', '.tif'][i % 4]}")
+  predict.main([str(wd), str(same), str(tmp_path / "same_out"), "--checkpoint", "latest", "--no-progress"])
+  got = {x["file"].split("/")[-1][:4]: x for x in read_csv(tmp_path / "same_out" / "predictions.csv")}
+  assert len(got) == n
+  for i in range(n):
+    g = got[f"x{i:03d}"]
+    assert int(g["prediction"]) == pred[i]
+    np.testing.assert_allclose([float(g["prob_0"]), float(g["prob_1"])], probs[i], atol=1e-5)
+
+  # (iii) PNGs at 80 px: the transform resizes (80 -> 32 instead of 64 -> 32), so only nearly the same
+  big = tmp_path / "big"
+  big.mkdir()
+  for i, im in enumerate(images):
+    Image.fromarray(im).resize((80, 80), Image.BILINEAR).save(big / f"img_{i:04d}.png")
+  predict.main([str(wd), str(big), str(tmp_path / "big_out"), "--checkpoint", "latest", "--batch-size", "64",
+                "--no-progress"])
+  rows = read_csv(tmp_path / "big_out" / "predictions.csv")
+  assert [x["file"] for x in rows] == [f"img_{i:04d}.png" for i in range(len(images))]
+  probs80 = np.asarray([[float(x["prob_0"]), float(x["prob_1"])] for x in rows])
+  np.testing.assert_allclose(probs80.sum(1), 1.0, atol=1e-6)
+  agree = float(np.mean(probs80.argmax(1) == pred))
+  print(f"[80 px PNG folder] accuracy {np.mean(probs80.argmax(1) == labels):.4f}, agreement with npz {agree:.3f}, "
+        f"max |dp| {np.abs(probs80 - probs).max():.4f}")
+  assert agree > 0.95 and np.abs(probs80 - probs).mean() < 0.02
+
+
+def test_unreadable_file_is_listed_and_the_rest_predicted(cls_run, tmp_path, capsys):
+  wd, _ = cls_run
+  d = tmp_path / "in"
+  d.mkdir()
+  Image.fromarray(np.full((40, 30), 128, np.uint8)).save(d / "good.png")
+  (d / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+  (d / "notes.txt").write_text("ignored: not an image")
+  predict.main([str(wd), str(d), str(tmp_path / "out"), "--no-progress"])
+  assert "1 could not be read" in capsys.readouterr().out
+  rows = read_csv(tmp_path / "out" / "predictions.csv")
+  assert [x["file"] for x in rows] == ["good.png"]
+  errors = read_csv(tmp_path / "out" / "errors.csv")
+  assert [e["file"] for e in errors] == ["broken.jpg"] and "cannot identify image file" in errors[0]["error"]
+  summary = json.loads((tmp_path / "out" / "predict.json").read_text())
+  assert summary["predicted"] == 1 and summary["errors"] == 1 and summary["checkpoint"] == "latest"
+
+
+def test_bad_input_or_run_is_one_clear_error(cls_run, tmp_path, capsys):
+  wd, _ = cls_run
+  (tmp_path / "empty").mkdir()
+  fails_cleanly([str(wd), str(tmp_path / "empty"), str(tmp_path / "o")], capsys, "holds no images")
+  fails_cleanly([str(wd), str(tmp_path / "missing"), str(tmp_path / "o")], capsys, "does not exist")
+  fails_cleanly([str(wd), str(DEMO), str(tmp_path / "o")], capsys, "--split (test, train, val)")
+  fails_cleanly([str(tmp_path), str(DEMO), str(tmp_path / "o")], capsys, "not a run folder")
+  tpp = tmp_path / "tpp"
+  tpp.mkdir()
+  cfg = json.loads((wd / "config.json").read_text())
+  (tpp / "config.json").write_text(json.dumps({**cfg, "stage": "tpp"}))
+  r = run_predict([tpp, DEMO, tmp_path / "o", "--split", "test"])  # through the real CLI
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  assert r.stderr.startswith("error: ") and "'tpp' run: it has no task head" in r.stderr, r.stderr
+
+
+def test_segmentation_masks_at_the_original_size(tmp_path):
+  rng = np.random.default_rng(0)
+  data = tmp_path / "seg"
+  for sub in ("images", "masks"):
+    (data / sub).mkdir(parents=True)
+  rows = ["image,mask,split"]
+  for i in range(12):
+    img = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    y, x = rng.integers(4, 20, 2)
+    mask[y:y + 16, x:x + 16] = 255
+    img[mask > 0] += 150
+    Image.fromarray(img).save(data / "images" / f"{i}.png")
+    Image.fromarray(mask).save(data / "masks" / f"{i}.png")
+    rows.append(f"images/{i}.png,masks/{i}.png,{'train' if i < 8 else 'val' if i < 10 else 'test'}")
+  (data / "split.csv").write_text("\n".join(rows) + "\n")
+  c = load_config("experiment", "kvasir,smoke,px32,steps=2,batch_size=8,eval_batch_size=8,eval_splits=('val',)")
+  c.data.path = str(data)
+  tpp_main.run(c, str(tmp_path / "run"))
+  new = tmp_path / "new"
+  (new / "a").mkdir(parents=True)
+  Image.fromarray(rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)).save(new / "a" / "wide.png")
+  Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(new / "grey.jpg")
+  shutil.copy(data / "images" / "11.png", new / "polyp.png")
+  predict.main([str(tmp_path / "run"), str(new), str(tmp_path / "out"), "--no-progress"])
+  out = tmp_path / "out"
+  rows = {x["file"]: x for x in read_csv(out / "predictions.csv")}
+  assert set(rows) == {"a/wide.png", "grey.jpg", "polyp.png"}
+  for name, (h, w) in {"a/wide.png": (37, 50), "grey.jpg": (64, 64), "polyp.png": (40, 40)}.items():
+    r = rows[name]
+    mask = np.asarray(Image.open(out / r["mask"]))
+    over = np.asarray(Image.open(out / r["overlay"]))
+    assert mask.shape == (h, w) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert over.shape == (h, w, 3)
+    assert (int(r["height"]), int(r["width"])) == (h, w)
+    assert float(r["frac_background"]) + float(r["frac_foreground"]) == pytest.approx(1.0, abs=1e-5)
+  assert (out / "masks" / "a" / "wide.png").exists() and (out / "overlays" / "grey.png").exists()
