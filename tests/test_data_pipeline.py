@@ -238,3 +238,39 @@ def test_workers_give_the_same_batches_and_resume_exactly():
   fresh.set_state(state)
   got += _take(fresh, 4)
   assert _same(got, expected)
+
+
+def test_workers_read_a_shared_cached_store(tmp_path, monkeypatch):
+  """A cached (decoded) source reaches spawned workers as one file mapping; batches = in-process, cache on = off."""
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  rng = np.random.default_rng(0)
+  for i in range(24):
+    d = tmp_path / 'train' / 'ab'[i % 2]
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(d / f'{i}.png')
+  monkeypatch.setattr(sources, 'SHARE_BYTES', 0)  # share even this tiny store
+  on = sources.ClassFolderSource(tmp_path, 'train', cache='on')
+  off = sources.ClassFolderSource(tmp_path, 'train', cache='off')
+  fn = transforms.make_transform({'image_size': 16, 'augment': {'crop_scale': (0.35, 1.0), 'hflip': True}}, True)
+  expected = _take(pipeline.train_iter(off, fn, 8, seed=2), 4)
+  assert _same(_take(pipeline.train_iter(on, fn, 8, seed=2), 4), expected)
+  assert _same(_take(pipeline.train_iter(on, fn, 8, seed=2, num_workers=1), 4), expected)
+  assert on._store.columns['image'].file is not None  # pickled for the worker as a mapping
+
+
+def test_input_pipeline_benchmark_cli():
+  """benchmarks/input_pipeline.py prints the iterator rows, the step row and ends with the headroom line."""
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  r = subprocess.run([sys.executable, 'benchmarks/input_pipeline.py', '--config', 'configs/experiment.py:smoke,px32',
+                      '--batches', '2', '--steps', '1', '--workers', '0', '--cache', 'on,off'],
+                     cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert any(l.split()[:2] == ['on', '0'] for l in lines) and any(l.split()[:2] == ['off', '0'] for l in lines)
+  assert any(l.split()[:1] == ['finetune'] for l in lines)
+  assert lines[-1].startswith('headroom: ') and lines[-1].endswith('x')
+  float(lines[-1].split()[1][:-1])

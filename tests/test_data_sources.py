@@ -2,6 +2,7 @@
 import csv
 import functools
 import io
+import os
 import shutil
 
 import numpy as np
@@ -100,8 +101,10 @@ def test_seg_folder_kvasir(kvasir_sources):
       assert rec['mask'].dtype == np.uint8
       assert rec['mask'].shape == rec['image'].shape[:2] == (256, 256)
       assert set(np.unique(rec['mask'])) == {0, 1}, (split, i)
-  # Cached after the first read.
-  assert kvasir_sources['val'][0] is kvasir_sources['val'][0]
+  # Decoded once ('auto': 280 x 256 px pairs fit the budget): views of one
+  # read-only buffer per key.
+  a, b = kvasir_sources['val'][0], kvasir_sources['val'][0]
+  assert np.shares_memory(a['image'], b['image']) and not a['mask'].flags.writeable
 
 
 def _write_seg(root, rows, size=(16, 12), mask_values=(0, 255)):
@@ -331,3 +334,117 @@ def test_jpeg_npz(tmp_path):
   bad = _write_npz(tmp_path / 'bad.npz', jpeg_bytes=np.zeros(3, np.uint8))
   with pytest.raises(ValueError, match="'offsets'"):
     sources.JpegNpzSource(bad, 'train')
+
+
+# ---------------------------------------------------------------------------
+# data.cache: one ImageStore per split, bit-identical to per-item decoding.
+# ---------------------------------------------------------------------------
+def _tiny_sources(tmp_path, kind, cache):
+  """A few-image source of `kind` (built once per kind) with data.cache=cache."""
+  rng = np.random.default_rng(0)
+  root = tmp_path / kind
+  if kind in ('npz', 'npz_compressed'):
+    p = root.with_suffix('.npz')
+    if not p.exists():
+      save = np.savez if kind == 'npz' else np.savez_compressed
+      save(p, train_images=rng.integers(0, 256, (6, 9, 7), dtype=np.uint8),
+           train_labels=np.arange(6) % 2)
+    return sources.NpzSource(p, 'train', cache=cache)
+  if kind == 'jpeg_npz':
+    p = root.with_suffix('.npz')
+    if not p.exists():
+      imgs = [rng.integers(0, 256, (12, 10, 3), dtype=np.uint8) for _ in range(4)]
+      imgs.append(rng.integers(0, 256, (12, 10), dtype=np.uint8))  # grey JPEG
+      blobs = [_jpeg(x) for x in imgs]
+      np.savez(p, jpeg_bytes=np.concatenate(blobs),
+               offsets=np.concatenate([[0], np.cumsum([len(b) for b in blobs])]))
+    return sources.JpegNpzSource(p, 'train', val_count=1, cache=cache)
+  if kind == 'class_folder':  # mixed sizes and channels: a ragged store
+    if not root.exists():
+      for i, shape in enumerate([(10, 14), (10, 14, 3), (7, 5, 3), (10, 14, 3)]):
+        d = root / 'train' / ('ab'[i % 2])
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
+            d / f'{i}.png')
+    return sources.ClassFolderSource(root, 'train', cache=cache)
+  if not root.exists():
+    _write_seg(root, ['train'] * 4)
+  return sources.SegFolderSource(root, 'train', cache=cache)
+
+
+@pytest.mark.parametrize('kind', ['npz', 'npz_compressed', 'jpeg_npz',
+                                  'class_folder', 'seg_folder'])
+def test_cache_on_off_bit_identical(tmp_path, kind):
+  on = _tiny_sources(tmp_path, kind, 'on')
+  off = _tiny_sources(tmp_path, kind, 'off')
+  assert len(on) == len(off) > 2
+  for i in range(len(on)):
+    a, b = on[i], off[i]
+    assert a.keys() == b.keys()
+    for k in a:
+      assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (kind, k)
+      np.testing.assert_array_equal(a[k], b[k])
+    assert not a['image'].flags.writeable  # views of the read-only store
+  if kind == 'npz':  # stored uncompressed: 'off' memory-maps the file
+    assert off.mapped and not on.mapped
+  elif kind == 'npz_compressed':
+    assert not off.mapped
+  else:
+    assert on._store is not None and off._store is None
+  if kind == 'class_folder':
+    assert on._store.columns['image'].offsets is not None  # ragged
+
+
+def test_cache_auto_decision(tmp_path, monkeypatch):
+  from tpp_jax.data import config
+  assert _tiny_sources(tmp_path, 'jpeg_npz', 'auto')._store is not None
+  assert _tiny_sources(tmp_path, 'seg_folder', 'auto')._store is not None
+  assert not _tiny_sources(tmp_path, 'npz', 'auto').mapped
+  # auto estimates first item x count: 4 x 12x10x3 = 1440 bytes of images.
+  monkeypatch.setattr(config, 'CACHE_BUDGET', 1439)
+  assert _tiny_sources(tmp_path, 'jpeg_npz', 'auto')._store is None
+  monkeypatch.setattr(config, 'CACHE_BUDGET', 1440)
+  assert _tiny_sources(tmp_path, 'jpeg_npz', 'auto')._store is not None
+  monkeypatch.setattr(config, 'CACHE_BUDGET', 100)  # 6x9x7 npz > 100 bytes
+  assert _tiny_sources(tmp_path, 'npz', 'auto').mapped
+  assert not _tiny_sources(tmp_path, 'npz_compressed', 'auto').mapped
+  monkeypatch.undo()
+  # build_sources: 'auto' decodes per item where max_*_examples cuts the run.
+  base = {'source': 'jpeg_npz', 'path': str(tmp_path / 'jpeg_npz.npz'),
+          'val_count': 1}
+  built = pipeline.build_sources(dict(base, max_train_examples=2))
+  assert built['train']._store is None and built['val']._store is not None
+  built = pipeline.build_sources(dict(base, max_train_examples=2, cache='on'))
+  assert built['train']._store is not None
+
+
+@pytest.mark.parametrize('bad', ['yes', True, 0, None, 'of'])
+def test_cache_bad_value_is_one_clear_error(tmp_path, bad):
+  from tpp_jax.data import config
+  with pytest.raises(ValueError, match=r"data\.cache=.*'auto'.*'on' or 'off'"):
+    config.check_cache(bad)
+  if bad is not None:  # None in a config block means 'the default'
+    with pytest.raises(ValueError, match=r'data\.cache='):
+      config.resolve({'cache': bad})
+  with pytest.raises(ValueError, match=r'data\.cache='):
+    _tiny_sources(tmp_path, 'seg_folder', bad)
+  assert config.resolve({'cache': ' ON '}).cache == 'on'
+
+
+def test_store_reaches_workers_as_a_file_mapping(tmp_path, monkeypatch):
+  import gc
+  import pickle
+  monkeypatch.setattr(sources, 'SHARE_BYTES', 0)
+  src = _tiny_sources(tmp_path, 'class_folder', 'on')
+  col = src._store.columns['image']
+  assert col.file is None
+  copy = pickle.loads(pickle.dumps(src))
+  path = col.file[0]  # shared on the first pickle, in the temp dir
+  assert copy._store.columns['image'].file == col.file
+  for i in range(len(src)):
+    np.testing.assert_array_equal(copy[i]['image'], src[i]['image'])
+  blob = pickle.dumps(src)
+  assert path.encode() in blob and len(blob) < 4000
+  del src, col, copy
+  gc.collect()
+  assert not os.path.exists(path)  # removed with the owning store

@@ -148,3 +148,49 @@ def test_intensity_jitter_range():
     y = transforms.intensity_jitter(x, rng, 0.4)
     assert y.dtype == np.float32 and 0 <= y.min() and y.max() <= 255
   np.testing.assert_array_equal(transforms.intensity_jitter(x, rng, 0.0), x)
+
+
+@pytest.mark.parametrize('cfg', [
+    # the demo (configs/default.py) and stage-0 (configs/house_backbone.py) training transforms
+    {'image_size': 64, 'channels': 3, 'mean': (0.485, 0.456, 0.406),
+     'std': (0.229, 0.224, 0.225), 'augment': dict(crop_scale=(0.8, 1.0))},
+    {'image_size': 64, 'channels': 3, 'mean': (0.485, 0.456, 0.406),
+     'std': (0.229, 0.224, 0.225),
+     'augment': dict(crop_scale=(0.35, 1.0), hflip=True)},
+    {'image_size': 32, 'channels': 1, 'augment': dict(
+        crop_scale=(0.3, 1.0), hflip=True, vflip=True, rotate=15.0,
+        intensity=0.3)},
+    {'image_size': 40, 'channels': 3, 'augment': dict(hflip=True, vflip=True)},
+])
+def test_transform_is_bit_identical_to_the_chained_steps(cfg):
+  """The fused fast path = random_resized_crop / resize, hflip, vflip, rotate,
+  to_channels, intensity_jitter, normalize applied one after the other."""
+  c = config.resolve(cfg)
+  aug, size = c.augment, c.image_size
+  fn = transforms.make_transform(cfg, train=True)
+  ev = transforms.make_transform(cfg, train=False)
+  data = np.random.default_rng(0)
+  for seed in range(24):
+    shape = [(64, 64, 1), (64, 64, 3), (40, 40, 3), (37, 53, 3)][seed % 4]
+    rec = {'image': data.integers(0, 256, shape, dtype=np.uint8), 'label': 1}
+    if seed % 2:
+      rec['mask'] = data.integers(0, 3, shape[:2]).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    ref = (transforms.random_resized_crop(rec, rng, size, aug.crop_scale,
+                                          aug.crop_ratio)
+           if aug.crop_scale else transforms.resize(rec, size))
+    ref = transforms.hflip(ref, rng) if aug.hflip else ref
+    ref = transforms.vflip(ref, rng) if aug.vflip else ref
+    ref = transforms.rotate(ref, rng, aug.rotate)
+    image = transforms.to_channels(ref['image'], c.channels)
+    if aug.intensity:
+      image = transforms.intensity_jitter(image, rng, aug.intensity)
+    image = transforms.normalize(image, c.mean, c.std)
+    out = fn(rec, np.random.default_rng(seed))
+    assert out['image'].dtype == np.float32
+    np.testing.assert_array_equal(out['image'], image)
+    if 'mask' in rec:
+      np.testing.assert_array_equal(out['mask'], ref['mask'].astype(np.int32))
+    plain = transforms.normalize(transforms.to_channels(
+        transforms.resize(rec, size)['image'], c.channels), c.mean, c.std)
+    np.testing.assert_array_equal(ev(rec)['image'], plain)

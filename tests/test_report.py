@@ -272,3 +272,126 @@ def test_cli_writes_report_into_first_dir(tmp_path, capsys):
   path = report.main([str(tmp_path / "p")])
   assert path == tmp_path / "p" / "report.md" and path.exists()
   assert "report.md" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired statistics (TPP − baseline per seed): checked against scipy, the independent reference.
+
+
+@pytest.fixture
+def sp_stats():
+  try:
+    from scipy import stats
+  except ImportError:
+    import os
+    if os.environ.get("CI", "").lower() == "true":
+      raise
+    pytest.skip("scipy (the reference for the paired statistics) is not installed: pip install scipy")
+  return stats
+
+
+def paired_rows(text: str) -> tuple[list[str], list[list[str]]]:
+  """(header, rows) of the paired-comparison table (the one headed `comparison`) in a Markdown text."""
+  split = lambda l: [c.strip() for c in l.strip().strip("|").split("|")]  # noqa: E731
+  lines = text.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("| comparison |"))
+  body = []
+  for l in lines[start + 2:]:
+    if not l.startswith("|"):
+      break
+    body.append(split(l))
+  return split(lines[start]), body
+
+
+def scipy_paired(sp_stats, tpp, base):
+  d = np.asarray(tpp) - np.asarray(base)
+  lo, hi = sp_stats.t.interval(0.95, d.size - 1, loc=d.mean(), scale=sp_stats.sem(d))
+  return d.mean(), lo, hi, sp_stats.ttest_rel(tpp, base).pvalue
+
+
+def scipy_verdict(mean, p):
+  return "no detectable difference" if p >= 0.05 else "TPP better" if mean > 0 else "baseline better"
+
+
+@pytest.mark.parametrize("task, seeds, split", [("classification", (0, 1, 2, 3, 4), "test"),
+                                                ("classification", (3, 4), "val"),
+                                                ("segmentation", (0, 1, 2), "test")])
+def test_paired_table_columns_and_numbers_match_scipy(tmp_path, sp_stats, task, seeds, split):
+  finals = make_pipeline(tmp_path, seeds=seeds, task=task)
+  table = report.paired_table(report.collect([tmp_path]), split)
+  header, rows = paired_rows(table)
+  assert header == ["comparison", "peft", "metric", "n", "TPP − baseline", "95% CI", "p", "verdict"]
+  keys = CLS if task == "classification" else SEG
+  assert [r[2] for r in rows] == list(keys)
+  for row in rows:
+    k = row[2]
+    tpp = [finals[(s, "tpp_finetune")][split][k] for s in seeds]
+    base = [finals[(s, "baseline")][split][k] for s in seeds]
+    mean, lo, hi, p = scipy_paired(sp_stats, tpp, base)
+    assert row[:2] == ["**TPP − baseline**", "lora"] and row[3] == str(len(seeds))
+    assert row[4] == f"{mean:+.4f}" and row[5] == f"[{lo:+.4f}, {hi:+.4f}]" and row[6] == f"{p:.3g}"
+    assert row[7] == scipy_verdict(mean, p)
+  assert f"paired t-test over {len(seeds)} seeds, two-sided, 95 % level" in table
+
+
+def test_paired_table_uses_common_seeds_and_says_when_there_are_too_few(tmp_path, sp_stats):
+  finals = make_pipeline(tmp_path / "a", skip={(2, "baseline")})
+  header, rows = paired_rows(report.paired_table(report.collect([tmp_path / "a"])))
+  auc = next(r for r in rows if r[2] == "auc")
+  mean, lo, hi, p = scipy_paired(sp_stats, [finals[(s, "tpp_finetune")]["test"]["auc"] for s in (0, 1)],
+                                 [finals[(s, "baseline")]["test"]["auc"] for s in (0, 1)])
+  assert auc[3] == "2" and auc[6] == f"{p:.3g}" and auc[5] == f"[{lo:+.4f}, {hi:+.4f}]"
+  make_pipeline(tmp_path / "b", seeds=(5,))
+  table = report.paired_table(report.collect([tmp_path / "b"]))
+  header, rows = paired_rows(table)
+  for row in rows:
+    assert row[3] == "1" and row[5] == "n/a" and row[6] == "n/a" and row[7] == "not enough seeds (n=1)"
+  assert "paired t-test over 1 seed, two-sided, 95 % level" in table
+  # no baseline arm: no paired table
+  only_tpp = [r for r in report.collect([tmp_path / "a"]) if r["arm"] != "baseline"]
+  assert report.paired_table(only_tpp) == ""
+
+
+def test_report_md_and_comparison_json_carry_the_paired_statistics(tmp_path, sp_stats):
+  finals = make_pipeline(tmp_path, seeds=(0, 1, 2, 3, 4))
+  md = report.write_report(tmp_path).read_text()
+  data = json.loads((tmp_path / "comparison.json").read_text())
+  assert (data["test"], data["alternative"], data["level"]) == ("paired t-test", "two-sided", 0.95)
+  assert "](comparison.json)" in md
+  for split, title in (("test", "## Test metrics"), ("val", "## Validation metrics")):
+    section = md.split(title)[1].split("\n## ")[0]
+    assert "| TPP − baseline | 95% CI | p | verdict |" in section
+    assert "paired t-test over 5 seeds, two-sided, 95 % level" in section
+    header, rows = paired_rows(section)
+    entries = data["splits"][split]
+    assert [(e["comparison"], e["metric"]) for e in entries] == [("TPP − baseline", k) for k in CLS]
+    for e, row in zip(entries, rows):
+      tpp = [finals[(s, "tpp_finetune")][split][e["metric"]] for s in range(5)]
+      base = [finals[(s, "baseline")][split][e["metric"]] for s in range(5)]
+      mean, lo, hi, p = scipy_paired(sp_stats, tpp, base)
+      assert e["seeds"] == list(range(5)) and e["n"] == 5 and e["tpp_values"] == tpp and e["baseline_values"] == base
+      for got, want in ((e["mean_diff"], mean), (e["ci_low"], lo), (e["ci_high"], hi), (e["p"], p)):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
+      assert e["verdict"] == scipy_verdict(mean, p) == row[7]
+      assert row[4:7] == [f"{e['mean_diff']:+.4f}", f"[{e['ci_low']:+.4f}, {e['ci_high']:+.4f}]", f"{e['p']:.3g}"]
+
+
+def test_paired_table_baseline_better_and_zero_variance(tmp_path, sp_stats):
+  base = {"accuracy": [0.8, 0.7, 0.9], "balanced_accuracy": [0.8, 0.7, 0.9], "macro_f1": [0.6, 0.5, 0.7],
+          "auc": [0.90, 0.85, 0.95]}
+  tpp = {"accuracy": [0.8, 0.7, 0.9], "balanced_accuracy": [0.81, 0.69, 0.92], "macro_f1": [0.61, 0.52, 0.72],
+         "auc": [0.80, 0.76, 0.84]}
+  for s in range(3):
+    for arm, vals in (("tpp_finetune", tpp), ("baseline", base)):
+      final = {sp: {k: v[s] for k, v in vals.items()} for sp in ("val", "test")}
+      make_run(tmp_path / f"seed_{s}" / arm, "finetune", s, final=final,
+               target_init=str(tmp_path / "tpp") if arm == "tpp_finetune" else "")
+  table = report.paired_table(report.collect([tmp_path]))
+  header, rows = paired_rows(table)
+  rows = {r[2]: r for r in rows}
+  assert rows["accuracy"][4:] == ["+0.0000", "[+0.0000, +0.0000]", "1*", "no detectable difference"]
+  assert "zero variance" in table
+  for k in ("balanced_accuracy", "macro_f1", "auc"):
+    mean, lo, hi, p = scipy_paired(sp_stats, tpp[k], base[k])
+    assert rows[k][5:7] == [f"[{lo:+.4f}, {hi:+.4f}]", f"{p:.3g}"] and rows[k][7] == scipy_verdict(mean, p)
+  assert rows["auc"][7] == "baseline better" and rows["macro_f1"][7] == "TPP better"

@@ -38,7 +38,9 @@ def base_config() -> mlc.ConfigDict:
       ln_eps=1e-6, layer_scale=False, drop_path=0.0, dropout=0.0, dtype="float32"))
   # Backbone weights: path to a .pth / .safetensors / .npz (format auto-detected), or a tpp_jax
   # `pretrain` workdir (format 'tpp'), or '' for random init.
-  c.init = mlc.ConfigDict(dict(path="", format="auto", load_decoder=True))
+  # adapter: an exported adapter folder (tpp_jax.export --format adapter) whose target params AND task head
+  # start a finetune run (target_init loads target params only).
+  c.init = mlc.ConfigDict(dict(path="", format="auto", load_decoder=True, adapter=""))
   c.peft = mlc.ConfigDict(dict(
       type="lora", rank=8, alpha=8.0, dropout=0.0, targets="q,v", rslora=False,
       adapter_dim=8, adapter_scale=0.1, num_prompts=10, deep=False, prompt_dropout=0.0))
@@ -58,6 +60,7 @@ def base_config() -> mlc.ConfigDict:
       balance=False, tfds_name="", tfds_data_dir="", val_count=1000,
       max_train_examples=0, max_eval_examples=0,
       workers="0",               # training-input processes (grain multiprocessing): "auto" | "0" (in-process) | "N"
+      cache="auto",              # decoded images in memory: "auto" (split fits 2 GiB) | "on" | "off"
   ))
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=20, min_lr_ratio=0.01,
@@ -109,12 +112,27 @@ def apply_overrides(config: mlc.ConfigDict, overrides: Mapping[str, Any]) -> mlc
   return config
 
 
+def resolve_config_path(path: str) -> str:
+  """A `--config` file; a missing `configs/NAME.py` (or `NAME.py`) is the packaged tpp_jax/configs/NAME.py.
+
+  So `--config configs/default.py` works outside a checkout, after `pip install`. Raises ConfigError otherwise.
+  """
+  p = pathlib.Path(path)
+  if p.is_file():
+    return path
+  from tpp_jax import configs
+  if p.suffix == ".py" and p.stem in configs.NAMES and (len(p.parts) == 1 or p.parent.name == "configs"):
+    return str(configs.DIR / p.name)
+  shipped = ", ".join(f"configs/{n}.py" for n in configs.NAMES)
+  raise ConfigError(f"--config {path!r} is not a file, nor one of the shipped configs ({shipped}); "
+                    f"e.g. --config configs/default.py")
+
+
 def load_config_file(spec: str) -> mlc.ConfigDict:
   """`configs/NAME.py[:ARG]` -> get_config(ARG), as `--config` loads it."""
   import importlib.util
   path, _, arg = spec.partition(":")
-  if not pathlib.Path(path).is_file():
-    raise ConfigError(f"--config {path!r} is not a file; e.g. --config configs/default.py")
+  path = resolve_config_path(path)
   mod_spec = importlib.util.spec_from_file_location("tpp_user_config", path)
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)

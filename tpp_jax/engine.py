@@ -22,10 +22,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tpp_jax import config as config_lib
 from tpp_jax import partition
+from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
+from tpp_jax.checkpoints.load import load_backbone, merge_into as _merge_into  # noqa: F401 (re-exported)
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
-from tpp_jax.models.peft import PeftConfig, reset_dora_magnitudes
+from tpp_jax.models.peft import PeftConfig
 from tpp_jax.models.vit import ViT, ViTConfig
 from tpp_jax.objectives import make_objective
 from tpp_jax.objectives.base import LOWER_IS_BETTER
@@ -53,94 +55,57 @@ def build_encoder(config) -> ViT:
   return ViT(vit_cfg, PeftConfig.from_config(peft_cfg))
 
 
-def _merge_into(template: dict, loaded: dict, where: str) -> dict:
-  """Replace leaves of `template` by `loaded` ones at the same paths (template keeps the rest)."""
-  out = dict(template)
-  for k, v in loaded.items():
-    if k not in template:
-      raise ValueError(f"{where}: checkpoint leaf {k!r} has no place in the model.")
-    if isinstance(v, dict):
-      out[k] = _merge_into(template[k], v, f"{where}/{k}")
-    else:
-      if np.shape(v) != np.shape(template[k]):
-        raise ValueError(f"{where}/{k}: checkpoint shape {np.shape(v)} != model shape {np.shape(template[k])}.")
-      out[k] = jnp.asarray(v, jnp.asarray(template[k]).dtype)
-  return out
-
-
-def load_backbone(config, encoder: ViT) -> tuple[dict | None, dict | None, str]:
-  """(encoder leaves, decoder leaves or None, description) from config.init, or (None, None, 'random')."""
-  path, fmt = str(config.init.path or ""), config.init.format
-  if not path or fmt == "none":
-    return None, None, "random init"
-  p = pathlib.Path(path).expanduser()
-  if not p.exists():
-    raise FileNotFoundError(f"init.path={path!r} does not exist; point it at a .pth/.safetensors/.npz checkpoint "
-                            "or a tpp_jax `pretrain` workdir, or set --config.init.path='' for random init.")
-  if p.is_dir() or fmt == "tpp" or _is_flat_tpp_file(p):
-    enc, dec = store_lib.load_backbone_tpp(p)
-    return enc, dec, f"tpp_jax weights {p}"
-  from tpp_jax.checkpoints import convert
-  enc, dec = convert.load_pretrained(str(p), encoder.cfg, fmt=fmt, want_decoder=True)
-  return enc, dec, f"{fmt} checkpoint {p}"
-
-
-def _is_flat_tpp_file(p: pathlib.Path) -> bool:
-  if p.suffix != ".safetensors":
-    return False
-  from safetensors import safe_open
-  with safe_open(str(p), "np") as f:
-    return any(k.startswith("encoder/") for k in f.keys())
-
-
 def init_params(config, encoder: ViT, objective, sample_batch, rng):
-  """Random init of encoder + objective params, then the backbone from config.init."""
+  """Random init of encoder + objective params, then the backbone (and MAE decoder) from config.init."""
   r_enc, r_obj = jax.random.split(rng)
   images = jnp.asarray(sample_batch["image"][:2])
   enc_params = encoder.init(r_enc, images)["params"]
-  enc_loaded, dec_loaded, source = load_backbone(config, encoder)
-  if enc_loaded is not None:
-    enc_params = _merge_into(enc_params, enc_loaded, "encoder")
-    enc_params = reset_dora_magnitudes(enc_params, encoder.peft)
+  enc_params, dec_loaded, source = load_lib.init_encoder(config, encoder, enc_params)
   extra, aux = objective.init(r_obj, enc_params, {k: jnp.asarray(v) for k, v in sample_batch.items()})
-  if dec_loaded is not None and "decoder" in extra and config.init.load_decoder:
-    extra["decoder"] = _load_decoder(config, extra["decoder"], dec_loaded)
-    source += " (+ MAE decoder)"
+  extra, source = load_lib.init_decoder(config, extra, dec_loaded, source)
   params = {"encoder": enc_params, **extra}
   if "teacher" in aux:  # DINO: the teacher starts as a copy of the (loaded) student
     aux = {**aux, "teacher": jax.tree_util.tree_map(jnp.array, params)}
   return params, aux, source
 
 
-def _load_decoder(config, template: dict, loaded: dict) -> dict:
-  """The checkpoint's MAE decoder, all of it, or one error: a half-loaded decoder is never used silently."""
-  from tpp_jax.partition import flat_paths
-  missing = sorted(set(flat_paths(template)) - set(flat_paths(loaded)))
-  p = config.pretext
-  fix = (f"Set pretext.decoder_width/decoder_depth/decoder_heads/decoder_mlp_dim to the checkpoint's decoder "
-         f"(now {p.decoder_width}/{p.decoder_depth}/{p.decoder_heads}/{p.decoder_mlp_dim}), or "
-         "--config.init.load_decoder=False to train a new decoder from random init.")
-  if missing:
-    have = flat_paths(loaded)
-    blocks = len({k.split("/")[0] for k in have if k.startswith("blocks_")})
-    width = np.shape(loaded.get("embed", {}).get("kernel", ()))[-1:] or ("?",)
-    raise ConfigError(f"The MAE decoder in init.path={config.init.path!r} does not fit the configured one: the "
-                      f"checkpoint's has {blocks} block(s) of width {width[0]}; missing from it: "
-                      f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}. {fix}")
-  try:
-    return _merge_into(template, loaded, "decoder")
-  except ValueError as e:
-    raise ConfigError(f"The MAE decoder in init.path={config.init.path!r} does not fit the configured one: {e} "
-                      f"{fix}") from None
+def load_target_init(config, params, labels, aux=None) -> tuple[dict, dict]:
+  """Replace the target leaves of `params` by those of config.target_init, or target + task head of init.adapter.
 
-
-def load_target_init(config, params, labels) -> tuple[dict, dict]:
-  """Replace the target leaves of `params` by those of the TPP run in config.target_init."""
-  tpp_dir = pathlib.Path(config.target_init).expanduser()
+  target_init: the workdir of a `tpp` run, an exported adapter folder (`tpp_jax.export --format adapter`) or a
+  Hugging Face peft LoRA folder. init.adapter: an exported adapter folder of a finetune run (its task head and
+  head statistics too; the latter come back as info['aux']). Returns (params, info).
+  """
+  from tpp_jax.checkpoints import adapter as adapter_lib
+  adapter = str(config.init.get("adapter", "") or "")
+  field = "init.adapter" if adapter else "target_init"
+  if adapter and config.target_init:
+    raise ConfigError("Both target_init and init.adapter are set; init.adapter already holds the target parameters "
+                      "(and the task head): clear one of them.")
+  if adapter and config.stage != "finetune":
+    raise ConfigError(f"init.adapter is only used by stage 'finetune' (stage is {config.stage!r}); clear it.")
+  tpp_dir = pathlib.Path(adapter or config.target_init).expanduser()
+  kind = adapter_lib.folder_kind(tpp_dir) if tpp_dir.is_dir() else None
+  if adapter and kind != "adapter":
+    raise FileNotFoundError(f"init.adapter={str(tpp_dir)!r} is not a tpp_jax adapter folder (adapter_config.json + "
+                            "adapter.safetensors from `python -m tpp_jax.export RUN OUT --format adapter`).")
+  if kind is not None:
+    target = partition.subtree(params, labels, "target")
+    if not target:
+      raise ConfigError(f"{field} is set but this model has no target parameters (peft.type='none'?).")
+    info = {"path": str(tpp_dir), "kind": kind}
+    if kind == "peft":
+      loaded, _ = adapter_lib.read_peft(tpp_dir, config, target)
+      return _merge_into(params, loaded, "params"), info
+    loaded, flat, meta = adapter_lib.load_adapter_target(config, params, target, tpp_dir, field)
+    info["step"] = int(meta.get("step", 0))
+    if adapter:
+      loaded["head"], info["aux"] = adapter_lib.load_adapter_head(config, params, aux, flat, meta, tpp_dir)
+    return _merge_into(params, loaded, "params"), info
   cfg_file = tpp_dir / "config.json"
   if not cfg_file.exists():
     raise FileNotFoundError(f"target_init={str(tpp_dir)!r} has no config.json; it must be the --workdir of a "
-                            "`tpp` run.")
+                            "`tpp` run, an exported adapter folder or a peft LoRA folder.")
   tpp_cfg = store_lib.read_json(cfg_file)
   if tpp_cfg.get("stage") != "tpp":
     raise ConfigError(f"target_init points at a {tpp_cfg.get('stage')!r} run; it must be a `tpp` run's workdir.")
@@ -295,8 +260,9 @@ class Trainer:
                                     train_extra=tuple(config.train_extra))
     self.labels = partition.label_tree(params, rules)
     self.target_init = None
-    if config.target_init:
-      params, self.target_init = load_target_init(config, params, self.labels)
+    if config.target_init or config.init.get("adapter"):
+      params, self.target_init = load_target_init(config, params, self.labels, aux)
+      aux = self.target_init.pop("aux", aux)
     self.counts = partition.param_counts(params, self.labels)
     self.tx, self.schedule = make_tx(config, self.labels)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params), "aux": aux}
@@ -419,6 +385,8 @@ class Trainer:
       if split in self.sources:
         final[split] = self.evaluate(split)
         logger.log(steps, split, final[split])
+    if final:
+      logger.log_images(steps, self, "val" if "val" in final else next(iter(final)))
     if "val" in final:
       best = self._keep_best(steps, final["val"], store, best)
     store.close()
@@ -449,6 +417,7 @@ class Trainer:
       return best
     res = self.evaluate("val")
     logger.log(step, "val", res)
+    logger.log_images(step, self, "val")  # MAE reconstructions / segmentation overlays as TensorBoard images
     return self._keep_best(step, res, store, best)
 
   def _keep_best(self, step, res, store, best):

@@ -37,6 +37,28 @@ class MetricsLogger:
         if k not in ("step", "stage", "split") and v is not None:
           self.tb.add_scalar(f"{split}/{k}", v, step)
 
+  def log_images(self, step: int, trainer, split: str | None = None):
+    """The report's figures of the trainer's stage as TensorBoard images `SPLIT/KIND` (beside the scalars).
+
+    KIND: `mae_reconstructions` (pretrain / tpp with MAE), `segmentation_overlays` (segmentation task stages).
+    A figure that fails warns and never stops training; single-process runs only (the figures are host-local).
+    """
+    if self.tb is None:
+      return
+    import jax
+    if jax.process_count() > 1:
+      return
+    from tpp_jax import pipeline
+    split = split or next((s for s in ("val", "test", "train") if s in trainer.sources), "train")
+    try:
+      images = pipeline.eval_images(trainer, split)
+    except Exception as e:  # noqa: BLE001 - a figure is not worth a training run
+      print(f"warning: TensorBoard images skipped at step {step}: {type(e).__name__}: {e}", file=sys.stderr)
+      return
+    for kind, image in images.items():
+      self.tb.add_image(f"{split}/{kind}", image, int(step), dataformats="HWC")
+    self.tb.flush()
+
   def close(self):
     if self.tb is not None:
       self.tb.close()

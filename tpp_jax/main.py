@@ -84,7 +84,37 @@ def explain_override_error(argv) -> str | None:
   return None
 
 
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """argv with `--config PATH[:ARG]` pointing at the packaged config when PATH is a missing configs/NAME.py."""
+  from tpp_jax import config as config_lib
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      prefix, spec = "--config=", a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(out):
+      prefix, spec, i = "", out[i + 1], i + 1
+    else:
+      continue
+    path, sep, arg = spec.partition(":")
+    out[i] = prefix + config_lib.resolve_config_path(path) + sep + arg
+    if arg:  # a bad preset / key in ARG: one line here, not config_flags' traceback while parsing flags
+      try:
+        config_lib.load_config_file(out[i][len(prefix):])
+      except config_lib.ConfigError:
+        raise
+      except Exception:  # noqa: BLE001 - a broken config file: config_flags reports it as before
+        pass
+    break
+  return out
+
+
 def entry():
+  """The `tpp-jax` console command and `python -m tpp_jax.main`."""
+  from tpp_jax.config import ConfigError
+  try:
+    sys.argv = resolve_config_argv(sys.argv)
+  except ConfigError as e:
+    _fail(str(e))
   # config_flags raises on unknown --config.x keys / bad values while flags are parsed: show one line.
   try:
     app.run(main)

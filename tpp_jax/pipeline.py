@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import weakref
 
 import jax
 import numpy as np
@@ -112,23 +113,54 @@ def comparison_table(summaries: dict, task: str) -> str:
 
 def figures(config, wd: pathlib.Path, trainers: dict, n: int = 6):
   """MAE reconstructions of validation images (TPP arm) and segmentation overlays (fine-tune arm)."""
-  from tpp_jax import report
-  mean = np.asarray(config.data.mean, np.float32)
-  std = np.asarray(config.data.std, np.float32)
   split = "val" if "val" in trainers["tpp"].sources else "train"
   if config.pretext.type == "mae":
-    t = trainers["tpp"]
-    images = _eval_images(t, split, n)
-    orig, masked, recon = mae_reconstructions(t, images)
-    report.plot_reconstructions(orig, masked, recon, wd / "mae_reconstructions.png", mean=mean, std=std)
+    render_figure(trainers["tpp"], "mae_reconstructions", wd / "mae_reconstructions.png", split, n)
   if config.task.type == "segmentation":
     t = trainers["tpp_finetune"]
-    split = "test" if "test" in t.sources else split
-    batch = next(iter(_eval_batch(t, split, n)))
-    logits = t.objective.logits(t.state["params"], jax.numpy.asarray(batch["image"]), False)
-    preds = np.asarray(logits.argmax(-1))
-    report.plot_segmentation_overlays(batch["image"], batch["mask"], preds, wd / "segmentation_overlays.png",
-                                      mean=mean, std=std)
+    render_figure(t, "segmentation_overlays", wd / "segmentation_overlays.png",
+                  "test" if "test" in t.sources else split, n)
+
+
+def figure_kinds(trainer) -> list[str]:
+  """The report figures a trainer's stage makes: MAE reconstructions (pretrain / tpp with MAE), segmentation
+  overlays (the task stages of a segmentation config)."""
+  c = trainer.config
+  if c.stage in ("pretrain", "tpp"):
+    return ["mae_reconstructions"] if c.pretext.type == "mae" else []
+  return ["segmentation_overlays"] if c.task.type == "segmentation" else []
+
+
+def render_figure(trainer, kind: str, out, split: str, n: int = 6):
+  """Draw one figure kind ('mae_reconstructions' | 'segmentation_overlays') of `n` `split` images into `out`
+  (a PNG path or a binary file object)."""
+  from tpp_jax import report
+  mean = np.asarray(trainer.config.data.mean, np.float32)
+  std = np.asarray(trainer.config.data.std, np.float32)
+  batch = next(iter(_eval_batch(trainer, split, n)))
+  if kind == "mae_reconstructions":
+    orig, masked, recon = mae_reconstructions(trainer, batch["image"])
+    return report.plot_reconstructions(orig, masked, recon, out, mean=mean, std=std)
+  if kind == "segmentation_overlays":
+    obj = trainer.objective  # not `trainer`: the cache holds the function weakly keyed by the trainer
+    preds = _jitted(trainer, "seg", lambda: lambda p, x: obj.logits(p, x, False).argmax(-1))
+    preds = np.asarray(preds(trainer.state["params"], jax.numpy.asarray(batch["image"])))
+    return report.plot_segmentation_overlays(batch["image"], batch["mask"], preds, out, mean=mean, std=std)
+  raise ValueError(f"unknown figure kind {kind!r}")
+
+
+def eval_images(trainer, split: str | None = None, n: int = 4) -> dict[str, np.ndarray]:
+  """{kind: (H, W, 3) uint8 image} of the trainer's report figures (TensorBoard images at eval time)."""
+  import io
+
+  from PIL import Image
+  split = split or next((s for s in ("val", "test", "train") if s in trainer.sources), None)
+  out = {}
+  for kind in figure_kinds(trainer):
+    buf = io.BytesIO()
+    render_figure(trainer, kind, buf, split, n)
+    out[kind] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+  return out
 
 
 def _eval_batch(t, split, n):
@@ -137,27 +169,39 @@ def _eval_batch(t, split, n):
     yield {k: v[:n] for k, v in b.items()}
 
 
-def _eval_images(t, split, n):
-  return next(iter(_eval_batch(t, split, n)))["image"]
+_JITTED = weakref.WeakKeyDictionary()  # trainer -> {name: jitted fn}: figures at every eval compile once
+
+
+def _jitted(trainer, name: str, make):
+  fns = _JITTED.setdefault(trainer, {})
+  if name not in fns:
+    fns[name] = jax.jit(make())
+  return fns[name]
 
 
 def mae_reconstructions(trainer, images: np.ndarray, seed: int = 0):
   """(original, masked input, reconstruction) images, in the normalised input space."""
   from tpp_jax.models.mae import patchify, unpatchify
   obj, cfg = trainer.objective, trainer.encoder.cfg
-  x = jax.numpy.asarray(images)
-  noise = jax.random.uniform(jax.random.key(seed), (x.shape[0], cfg.num_patches))
-  pred, mask = obj.forward(trainer.state["params"], x, noise, False)
-  target = patchify(x, cfg.patch)
-  if obj.norm_pix:  # predictions are per-patch normalised: undo with the true patch statistics
-    mu = target.mean(-1, keepdims=True)
-    var = target.var(-1, keepdims=True, ddof=1)
-    pred = pred * (var + 1e-6) ** 0.5 + mu
-  m = mask[:, :, None]
-  recon = unpatchify(target * (1 - m) + pred * m, cfg.patch, cfg.channels)
-  grey = jax.numpy.zeros_like(target)  # masked patches shown at the data mean
-  masked = unpatchify(target * (1 - m) + grey * m, cfg.patch, cfg.channels)
-  return np.asarray(x), np.asarray(masked), np.asarray(recon)
+
+  def make():
+    def recon(params, x, noise):
+      pred, mask = obj.forward(params, x, noise, False)
+      target = patchify(x, cfg.patch)
+      if obj.norm_pix:  # predictions are per-patch normalised: undo with the true patch statistics
+        mu = target.mean(-1, keepdims=True)
+        var = target.var(-1, keepdims=True, ddof=1)
+        pred = pred * (var + 1e-6) ** 0.5 + mu
+      m = mask[:, :, None]
+      grey = jax.numpy.zeros_like(target)  # masked patches shown at the data mean
+      return (unpatchify(target * (1 - m) + grey * m, cfg.patch, cfg.channels),
+              unpatchify(target * (1 - m) + pred * m, cfg.patch, cfg.channels))
+    return recon
+
+  x = np.asarray(images, np.float32)
+  noise = np.random.default_rng(seed).random((x.shape[0], cfg.num_patches), dtype=np.float32)
+  masked, recon = _jitted(trainer, "mae", make)(trainer.state["params"], x, noise)
+  return x, np.asarray(masked), np.asarray(recon)
 
 
 def print_json(obj):

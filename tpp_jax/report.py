@@ -4,9 +4,10 @@
 
 Finds every run folder (one with summary.json) under the given folders and writes RUN_DIR/report.md
 (the first folder) with the test / val metric tables (mean ± std over seeds and the paired
-TPP − baseline difference), learning_curves.png, the pipeline's own figures when present
-(mae_reconstructions.png, segmentation_overlays.png), parameter counts, wall time and images/s.
-Only numpy and matplotlib (Agg canvas, no pyplot) are needed: no JAX import.
+TPP − baseline difference with its 95% CI, paired t-test p and verdict; also in comparison.json),
+learning_curves.png, the pipeline's own figures when present (mae_reconstructions.png,
+segmentation_overlays.png), parameter counts, wall time and images/s.
+Only numpy and matplotlib (Agg canvas, no pyplot) are needed (statistics: tpp_jax.stats): no JAX or scipy import.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from tpp_jax import stats
 
 TASK_METRICS = {
     "classification": ("accuracy", "balanced_accuracy", "macro_f1", "auc"),
@@ -213,8 +216,9 @@ def paired_differences(records: Sequence[dict], split: str = "test") -> list[dic
   """Per-seed TPP − baseline differences, per PEFT type and task.
 
   Returns:
-    A list of {"label", "peft", "task", "tpp", "baseline", "seeds", "diffs": {metric: np.ndarray}}
-    with one entry per (TPP-initialised arm, baseline arm) pair of the same PEFT type and task.
+    A list of {"label", "peft", "task", "tpp", "baseline", "seeds", "diffs": {metric: np.ndarray},
+    "values": {metric: (seeds, tpp values, baseline values)}} with one entry per (TPP-initialised arm,
+    baseline arm) pair of the same PEFT type and task; per metric, the seeds present in both arms.
   """
   runs = [r for r in records if _has_task_metrics(r, split)]
   groups = _groups(runs)
@@ -225,15 +229,16 @@ def paired_differences(records: Sequence[dict], split: str = "test") -> list[dic
     for (b_arm, b_peft, b_task), b_runs in groups.items():
       if b_runs[0]["role"] != "baseline" or (b_peft, b_task) != (peft, task):
         continue
-      diffs, seeds = {}, set()
+      diffs, values, seeds = {}, {}, set()
       for k in TASK_METRICS[task]:
         a, b = _per_seed(t_runs, split, k), _per_seed(b_runs, split, k)
         common = sorted(set(a) & set(b), key=lambda s: (s is None, s or 0))
         diffs[k] = np.asarray([a[s] - b[s] for s in common], float)
+        values[k] = (common, np.asarray([a[s] for s in common], float), np.asarray([b[s] for s in common], float))
         seeds |= set(common)
       label = ("TPP − baseline" if (t_arm, b_arm) == ("tpp_finetune", "baseline") else f"{t_arm} − {b_arm}")
       out.append({"label": label, "peft": peft, "task": task, "tpp": t_arm, "baseline": b_arm,
-                  "seeds": sorted(seeds, key=lambda s: (s is None, s or 0)), "diffs": diffs})
+                  "seeds": sorted(seeds, key=lambda s: (s is None, s or 0)), "diffs": diffs, "values": values})
   return out
 
 
@@ -281,15 +286,93 @@ def metric_table(records: Sequence[dict], split: str = "test") -> str:
   return "\n".join(lines)
 
 
+def _higher_is_better(metric: str) -> bool:
+  return "loss" not in metric  # losses: lower is better; every task metric: higher is better
+
+
+def paired_comparisons(records: Sequence[dict], split: str = "test", level: float = 0.95) -> list[dict]:
+  """Paired t-test of every metric of every TPP / baseline pair (same seeds), from `stats.paired_comparison`.
+
+  Returns:
+    One dict per (pair, metric): comparison (label), tpp, baseline (arms), peft, task, split, metric, seeds,
+    tpp_values, baseline_values, diffs, and paired_comparison's mean_diff, ci_low, ci_high, p, n, verdict,
+    test, level, higher_is_better, note. NaN (n < 2) is written as None so the list is valid JSON.
+  """
+  out = []
+  for d in paired_differences(records, split):
+    for k in TASK_METRICS[d["task"]]:
+      seeds, a, b = d["values"][k]
+      r = stats.paired_comparison(a, b, level=level, higher_is_better=_higher_is_better(k))
+      r = {k2: (None if isinstance(v, float) and math.isnan(v) else v) for k2, v in r.items()}
+      out.append({"comparison": d["label"], "tpp": d["tpp"], "baseline": d["baseline"], "peft": d["peft"],
+                  "task": d["task"], "split": split, "metric": k, "seeds": list(seeds), "tpp_values": a.tolist(),
+                  "baseline_values": b.tolist(), "diffs": (a - b).tolist(), **r})
+  return out
+
+
+def _pct(level: float) -> str:
+  return f"{100 * level:.10g}"
+
+
+def _p_cell(r: dict) -> str:
+  if r["p"] is None:
+    return "n/a"
+  return f"{r['p']:.3g}" + ("*" if r["note"] else "")
+
+
+def paired_table(records: Sequence[dict], split: str = "test", level: float = 0.95) -> str:
+  """Markdown table of the paired comparison of each metric, TPP → fine-tune minus baseline (same seed).
+
+  Columns: comparison, peft, (task), metric, n (seeds in both arms), `TPP − baseline` (mean of the per-seed
+  differences), the t-based CI, the two-sided paired t-test p and the verdict at `level`; then one line naming
+  the test and level. Empty string when there is no TPP / baseline pair.
+  """
+  comps = paired_comparisons([r for r in records if _has_task_metrics(r, split)], split, level)
+  if not comps:
+    return ""
+  multi_task = len({c["task"] for c in comps}) > 1
+  head = ["comparison", "peft"] + (["task"] if multi_task else []) + [
+      "metric", "n", "TPP − baseline", f"{_pct(level)}% CI", "p", "verdict"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - 5) + ["---:"] * 4 + ["---"]) + "|"]
+  for c in comps:
+    diff = "n/a" if c["mean_diff"] is None else f"{c['mean_diff']:+.4f}"
+    ci = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+    cells = [f"**{c['comparison']}**", c["peft"]] + ([c["task"]] if multi_task else []) + [
+        c["metric"], str(c["n"]), diff, ci, _p_cell(c), c["verdict"]]
+    lines.append("| " + " | ".join(cells) + " |")
+  ns = sorted({c["n"] for c in comps})
+  n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+  alpha = f"{1 - level:.10g}"
+  seeds = f"{n} seed{'' if n == '1' else 's'}"
+  lines += ["", f"_paired t-test over {seeds}, two-sided, {_pct(level)} % level: per seed, TPP → fine-tune minus "
+            f"baseline (same seed and budget); verdict \"TPP better\" / \"baseline better\" when p < {alpha} "
+            "(by the sign of the mean difference; higher is better for every metric shown), else \"no detectable "
+            "difference\"; fewer than 2 seeds: no test._"]
+  if any(c["note"] for c in comps):
+    lines.append("_* all paired differences equal (zero variance): the t-test is degenerate; p = 1 for no "
+                 "difference, 0 otherwise._")
+  return "\n".join(lines)
+
+
+def comparison_data(records: Sequence[dict], level: float = 0.95) -> dict:
+  """The numbers of the paired tables, machine-readable (written as comparison.json beside report.md)."""
+  return {"test": "paired t-test", "alternative": "two-sided", "level": level,
+          "difference": "TPP → fine-tune minus baseline, same seed", "confidence_interval": "t-based",
+          "splits": {split: paired_comparisons([r for r in records if _has_task_metrics(r, split)], split, level)
+                     for split in ("test", "val")}}
+
+
 # ----------------------------------------------------------------------------------------------
 # Figures.
 
 
-def _save(fig: Figure, out_png) -> pathlib.Path:
-  out = pathlib.Path(out_png)
-  out.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig: Figure, out_png):
+  """Write a PNG to a path (returned as a Path) or to a binary file object (returned as is)."""
+  out = out_png if hasattr(out_png, "write") else pathlib.Path(out_png)
+  if isinstance(out, pathlib.Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(out, dpi=110, bbox_inches="tight")
+  fig.savefig(out, format="png", dpi=110, bbox_inches="tight")
   return out
 
 
@@ -407,7 +490,7 @@ def plot_reconstructions(originals, masked, recons, out_png, mean=None, std=None
 
   Args:
     originals, masked, recons: float arrays (N, H, W, C), C 1 or 3, normalised with mean/std.
-    out_png: output path.
+    out_png: output path (or a binary file object).
     mean, std: the data normalisation (per channel or scalar); None = already in [0, 1].
 
   Returns:
@@ -464,7 +547,7 @@ def plot_segmentation_overlays(images, masks, preds, out_png, mean=None, std=Non
     images: float (N, H, W, C), normalised with mean/std.
     masks: int (N, H, W) ground-truth class indices (0 = background).
     preds: int (N, H, W) predicted classes, or logits (N, H, W, K).
-    out_png: output path.
+    out_png: output path (or a binary file object).
     mean, std: the data normalisation; None = images already in [0, 1].
 
   Returns:
@@ -610,11 +693,16 @@ def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
         "**Baseline**: the same PEFT fine-tuning from the usual random init of those parameters (`baseline`), "
         "with the same seeds, data and step budget.  ",
         "**TPP − baseline**: mean ± std over seeds of the per-seed paired differences (positive = TPP better "
-        "for all metrics shown).", "",
-        "## Setup", "", *_setup_lines(records, top_cfg), "",
-        "## Test metrics", "", metric_table(records, "test"), "",
-        "## Validation metrics", "", metric_table(records, "val"), "",
-        "Mean ± std over seeds (std with ddof=1; `n/a` for a single seed); metrics of the final step.", ""]
+        "for all metrics shown). Under each metric table, the paired comparison per metric: the mean "
+        "difference, its 95% confidence interval (t-based), the two-sided paired t-test p over the seeds and "
+        "the verdict at the 95 % level; the same numbers are in [comparison.json](comparison.json).", "",
+        "## Setup", "", *_setup_lines(records, top_cfg), ""]
+  for split, title in (("test", "Test metrics"), ("val", "Validation metrics")):
+    md += [f"## {title}", "", metric_table(records, split), ""]
+    paired = paired_table(records, split)
+    md += [paired, ""] if paired else []
+  md += ["Mean ± std over seeds (std with ddof=1; `n/a` for a single seed); metrics of the final step.", ""]
+  (wd / "comparison.json").write_text(json.dumps(comparison_data(records), indent=1) + "\n")
   pre = _pretext_table(records)
   if pre:
     md += ["## TPP pretext", "", pre, ""]

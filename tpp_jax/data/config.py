@@ -21,6 +21,10 @@ take the defaults below):
   dict like {'train': 'train[:90%]', 'val': 'train[90%:]'}).
 * ``val_count`` (1000): 'jpeg_npz' validation images (the last ones).
 * ``prefetch`` (2): batches prefetched by the training iterator.
+* ``cache`` ('auto'): keep each split's decoded uint8 images in memory
+  ('on' | 'off' | 'auto' = on when the decoded split fits ``CACHE_BUDGET``,
+  2 GiB, and the run reads the whole split, i.e. no ``max_*_examples``); see
+  ``tpp_jax.data.sources.ImageStore``.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 SOURCES = ('npz', 'seg_folder', 'class_folder', 'tfds', 'jpeg_npz')
+CACHE_MODES = ('auto', 'on', 'off')
+CACHE_BUDGET = 2 << 30  # bytes of decoded images per split that 'auto' caches
 
 AUGMENT_DEFAULTS = dict(crop_scale=None, crop_ratio=(3 / 4, 4 / 3),
                         hflip=False, vflip=False, rotate=0.0, intensity=0.0)
@@ -35,7 +41,7 @@ DEFAULTS = dict(source='npz', path='', image_size=224, channels=3, mean=None,
                 std=None, augment=AUGMENT_DEFAULTS, balance=False,
                 tfds_name='', tfds_data_dir=None, tfds_image_key='image',
                 tfds_label_key='label', tfds_mask_key='mask',
-                tfds_splits=None, val_count=1000, prefetch=2)
+                tfds_splits=None, val_count=1000, prefetch=2, cache='auto')
 
 
 def lookup(cfg: Any, name: str, default: Any = None) -> Any:
@@ -82,6 +88,7 @@ class DataConfig:
   tfds_splits: Mapping[str, str] | None = None
   val_count: int = 1000
   prefetch: int = 2
+  cache: str = 'auto'
 
 
 def _per_channel(value: Any, channels: int, field: str) -> tuple[float, ...]:
@@ -105,6 +112,17 @@ def _pair(value: Any, field: str) -> tuple[float, float]:
   except (TypeError, ValueError) as e:
     raise ValueError(f'{field}={value!r} must be a pair (lo, hi).') from e
   return lo, hi
+
+
+def check_cache(value: Any) -> str:
+  """``data.cache`` -> 'auto' | 'on' | 'off'; anything else raises one ValueError."""
+  text = value.strip().lower() if isinstance(value, str) else None
+  if text not in CACHE_MODES:
+    raise ValueError(
+        f"data.cache={value!r}: use 'auto' (decode a split into memory when it "
+        f"fits {CACHE_BUDGET / 2**30:g} GiB), 'on' or 'off' "
+        "(e.g. --config.data.cache=off).")
+  return text
 
 
 def resolve(data_cfg: Any) -> DataConfig:
@@ -166,7 +184,8 @@ def resolve(data_cfg: Any) -> DataConfig:
       tfds_label_key=str(get('tfds_label_key')),
       tfds_mask_key=str(get('tfds_mask_key')),
       tfds_splits=splits, val_count=int(get('val_count')),
-      prefetch=max(1, int(get('prefetch'))))
+      prefetch=max(1, int(get('prefetch'))),
+      cache=check_cache(get('cache')))
 
 
 def default_config(**overrides: Any):
@@ -185,6 +204,7 @@ def default_config(**overrides: Any):
                    rotate=0.0, intensity=0.0),
       balance=False, tfds_name='', tfds_data_dir=fr(None, field_type=str),
       tfds_image_key='image', tfds_label_key='label', tfds_mask_key='mask',
-      tfds_splits=fr(None, field_type=dict), val_count=1000, prefetch=2))
+      tfds_splits=fr(None, field_type=dict), val_count=1000, prefetch=2,
+      cache='auto'))
   cfg.update(overrides)
   return cfg

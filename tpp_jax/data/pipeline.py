@@ -13,6 +13,8 @@ fall back to defaults) are documented in ``tpp_jax.data.config``:
   tfds_name, tfds_data_dir, tfds_{image,label,mask}_key, tfds_splits
   val_count     'jpeg_npz' validation images (1000)
   prefetch      batches prefetched by the training iterator (2)
+  cache         decoded images in memory: 'auto' | 'on' | 'off' ('auto'; see
+                ``sources.ImageStore``)
 
 Batches are dicts of numpy arrays: ``image`` float32 (B, S, S, C) and
 ``label`` int32 (B,) or ``mask`` int32 (B, S, S); eval batches add ``valid``
@@ -250,6 +252,13 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
   """
   cfg = config_lib.resolve(data_cfg)
   kind = cfg.source
+
+  def cache(split: str) -> str:
+    """'auto' is 'off' for a split the run cuts to data.max_*_examples."""
+    limit = config_lib.lookup(data_cfg, 'max_train_examples' if split == 'train'
+                              else 'max_eval_examples', 0)
+    return 'off' if cfg.cache == 'auto' and limit else cfg.cache
+
   if kind == 'npz':
     p = sources_lib.check_path(
         cfg.path, 'data.path', 'a MedMNIST-style .npz file')
@@ -267,7 +276,8 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
     if not splits:
       raise ValueError(f'data.path: {p} has no {{split}}_images / '
                        f'{{split}}_labels pairs (keys: {sorted(keys)}).')
-    return {s: sources_lib.NpzSource(p, s, num_classes=num_classes)
+    return {s: sources_lib.NpzSource(p, s, num_classes=num_classes,
+                                     cache=cache(s))
             for s in splits}
   if kind == 'seg_folder':
     root = sources_lib.check_path(
@@ -281,7 +291,8 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
       found = {r.get('split') for r in csv.DictReader(f)}
     splits = [s for s in ('train', 'val', 'test') if s in found] + sorted(
         s for s in found if s and s not in ('train', 'val', 'test'))
-    return {s: sources_lib.SegFolderSource(root, s, num_classes=num_classes)
+    return {s: sources_lib.SegFolderSource(root, s, num_classes=num_classes,
+                                           cache=cache(s))
             for s in splits}
   if kind == 'class_folder':
     root = sources_lib.check_path(
@@ -289,7 +300,8 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
     found = sorted(d.name for d in root.iterdir()
                    if d.is_dir() and not d.name.startswith('.'))
     mapping = {('val' if s == 'validation' else s): s for s in found}
-    return {k: sources_lib.ClassFolderSource(root, s, num_classes=num_classes)
+    return {k: sources_lib.ClassFolderSource(root, s, num_classes=num_classes,
+                                             cache=cache(k))
             for k, s in mapping.items()}
   if kind == 'tfds':
     return {k: sources_lib.TfdsSource(
@@ -298,7 +310,8 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
         mask_key=cfg.tfds_mask_key, num_classes=num_classes)
             for k, s in _tfds_splits(cfg).items()}
   if kind == 'jpeg_npz':
-    return {s: sources_lib.JpegNpzSource(cfg.path, s, val_count=cfg.val_count)
+    return {s: sources_lib.JpegNpzSource(cfg.path, s, val_count=cfg.val_count,
+                                         cache=cache(s))
             for s in ('train', 'val')}
   raise ValueError(f'data.source={kind!r} is not one of '
                    f'{list(config_lib.SOURCES)}.')

@@ -9,29 +9,231 @@ Every source returns dict records of numpy arrays:
 ``C`` is 1 (grey) or 3 (RGB). Sources validate eagerly: a user mistake raises
 one ``ValueError`` / ``FileNotFoundError`` whose message names the path or the
 config field and says how to fix it.
+
+``cache`` ('auto' | 'on' | 'off', the ``data.cache`` field) decides whether a
+split's decoded uint8 images are held in memory (one ``ImageStore`` per split,
+decoded once up front) or decoded per item; both give bit-identical records.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import io
 import os
 import pathlib
 import re
-import threading
+import struct
+import tempfile
+import weakref
 import zipfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from tpp_jax.data import config as config_lib
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 CLASSIFICATION = 'classification'
 SEGMENTATION = 'segmentation'
+# Stores at least this big reach spawned workers as a shared file mapping.
+SHARE_BYTES = 32 << 20
 
 __all__ = [
     'NpzSource', 'SegFolderSource', 'ClassFolderSource', 'TfdsSource',
-    'JpegNpzSource', 'source_labels', 'check_path', 'IMAGE_EXTENSIONS',
+    'JpegNpzSource', 'ImageStore', 'source_labels', 'check_path',
+    'IMAGE_EXTENSIONS',
 ]
+
+
+# ----------------------------------------------------------------------------
+# Decoded images of a split, shared with grain workers.
+# ----------------------------------------------------------------------------
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except OSError:
+    pass
+
+
+class _Column:
+  """One key's uint8 arrays: ``data`` (N, *shape), or flat + offsets/shapes.
+
+  ``file`` = (path, byte offset) when ``data`` is a read-only mapping of a
+  file; pickles then carry the path, not the bytes.
+  """
+
+  def __init__(self, data: np.ndarray, offsets: np.ndarray | None = None,
+               shapes: np.ndarray | None = None,
+               file: tuple[str, int] | None = None):
+    if data.flags.writeable:
+      data = data.view()
+      data.setflags(write=False)
+    self.data, self.offsets, self.shapes, self.file = data, offsets, shapes, file
+
+  @classmethod
+  def mapped(cls, path: str, offset: int, shape: tuple[int, ...], **kw):
+    data = np.memmap(path, np.uint8, 'r', offset=offset, shape=shape)
+    return cls(np.asarray(data), file=(str(path), int(offset)), **kw)
+
+  def __len__(self) -> int:
+    return len(self.data) if self.offsets is None else len(self.offsets) - 1
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    if self.offsets is None:
+      return self.data[i]
+    return self.data[self.offsets[i]:self.offsets[i + 1]].reshape(
+        self.shapes[i])
+
+  def share(self) -> None:
+    """Moves ``data`` into a temporary file mapped read-only (once).
+
+    The file lives in ``tempfile.gettempdir()`` and is removed when this
+    object is garbage-collected or at exit.
+    """
+    if self.file is not None:
+      return
+    fd, path = tempfile.mkstemp(prefix='tpp_jax_images_', suffix='.u8')
+    weakref.finalize(self, _remove, path)
+    with os.fdopen(fd, 'wb') as f:
+      np.ascontiguousarray(self.data).tofile(f)
+    mapped = _Column.mapped(path, 0, self.data.shape)
+    self.data, self.file = mapped.data, mapped.file
+
+  def __getstate__(self):
+    if self.data.nbytes >= SHARE_BYTES:
+      try:
+        self.share()
+      except OSError:  # no writable temp dir: pickle the bytes instead
+        pass
+    state = dict(self.__dict__)
+    if self.file is not None:
+      state['data'] = self.data.shape
+    return state
+
+  def __setstate__(self, state):
+    if state['file'] is not None:
+      path, offset = state['file']
+      state['data'] = np.asarray(
+          np.memmap(path, np.uint8, 'r', offset=offset, shape=state['data']))
+    self.__dict__.update(state)
+
+
+class ImageStore:
+  """Decoded uint8 arrays of one split (keys e.g. 'image', 'mask').
+
+  ``ImageStore.decode(fn, n)`` decodes every item once, up front, in the
+  calling (parent) process with a thread pool (PIL releases the GIL while
+  decoding) into one buffer per key: (N, H, W, C) when all items have the
+  first item's shape, else one flat buffer with offsets. Items are read-only
+  views. grain workers are spawned processes that receive the source by
+  pickle: a buffer of at least ``SHARE_BYTES`` is then written once to a
+  temporary file that the parent and every worker memory-map read-only, so the
+  workers share one copy (the page cache) instead of each holding a pickled
+  copy; smaller buffers are pickled with the source.
+  """
+
+  def __init__(self, columns: dict[str, _Column]):
+    self.columns = columns
+    self._n = len(next(iter(columns.values())))
+
+  @classmethod
+  def decode(cls, fn: Callable[[int], dict[str, np.ndarray]], n: int,
+             first: dict[str, np.ndarray] | None = None,
+             threads: int | None = None) -> 'ImageStore':
+    """Decodes ``fn(i)`` (a dict of uint8 arrays) for i < n into one store."""
+    first = fn(0) if first is None else first
+    bufs = {k: np.empty((n,) + a.shape, np.uint8) for k, a in first.items()}
+    odd: dict[str, dict[int, np.ndarray]] = {k: {} for k in first}
+
+    def fill(lo: int, hi: int) -> None:
+      for i in range(lo, hi):
+        for k, a in (first if i == 0 else fn(i)).items():
+          if a.shape == bufs[k].shape[1:]:
+            bufs[k][i] = a
+          else:
+            odd[k][i] = a
+
+    threads = threads or min(8, len(os.sched_getaffinity(0)) if hasattr(
+        os, 'sched_getaffinity') else (os.cpu_count() or 1))
+    step = max(1, min(512, -(-n // (4 * threads))))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      futures = [pool.submit(fill, lo, min(lo + step, n))
+                 for lo in range(0, n, step)]
+      try:
+        for f in futures:
+          f.result()
+      except BaseException:
+        for f in futures:
+          f.cancel()
+        raise
+    columns = {}
+    for k, buf in bufs.items():
+      if not odd[k]:
+        columns[k] = _Column(buf)
+        continue
+      items = [odd[k][i] if i in odd[k] else buf[i] for i in range(n)]
+      shapes = np.asarray([a.shape for a in items], np.int64)
+      offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))])
+      flat = np.empty(int(offsets[-1]), np.uint8)
+      for i, a in enumerate(items):
+        flat[offsets[i]:offsets[i + 1]] = a.reshape(-1)
+      del items
+      columns[k] = _Column(flat, offsets, shapes)
+    return cls(columns)
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {k: c[i] for k, c in self.columns.items()}
+
+  @property
+  def nbytes(self) -> int:
+    return sum(c.data.nbytes for c in self.columns.values())
+
+
+def _image_store(cache: str, n: int,
+                 decode: Callable[[int], dict[str, np.ndarray]]
+                 ) -> ImageStore | None:
+  """The split's store for ``data.cache``, or None (decode per item).
+
+  'auto' caches when the first item's decoded bytes x n fit
+  ``config.CACHE_BUDGET``.
+  """
+  mode = config_lib.check_cache(cache)
+  if mode == 'off':
+    return None
+  first = decode(0)
+  size = sum(a.nbytes for a in first.values()) * n
+  if mode == 'auto' and size > config_lib.CACHE_BUDGET:
+    return None
+  return ImageStore.decode(decode, n, first=first)
+
+
+def _stored_npy(path: pathlib.Path, key: str
+                ) -> tuple[int, tuple[int, ...], np.dtype] | None:
+  """(byte offset, shape, dtype) of an uncompressed C-order ``key`` in an npz.
+
+  None when the member is compressed (np.savez_compressed) or Fortran-order.
+  """
+  with zipfile.ZipFile(path) as zf:
+    info = zf.getinfo(key + '.npy')
+  if info.compress_type != zipfile.ZIP_STORED:
+    return None
+  with open(path, 'rb') as f:
+    f.seek(info.header_offset)
+    local = f.read(30)
+    name_len, extra_len = struct.unpack('<HH', local[26:30])
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+      shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+      shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if fortran and len(shape) > 1:
+      return None
+    return f.tell(), tuple(shape), dtype
 
 
 # ----------------------------------------------------------------------------
@@ -165,13 +367,17 @@ class NpzSource(_Base):
 
   Images are grey ``(N, H, W)`` / ``(N, H, W, 1)`` or RGB ``(N, H, W, 3)``
   uint8; labels ``(N,)`` or ``(N, 1)``. Multi-label files (``(N, K)``, K > 1)
-  are rejected. The split's arrays are loaded once (no pickle).
+  are rejected. The images are stored decoded: ``cache`` 'on' reads the
+  split's array into memory once; 'off' (or 'auto' when it exceeds
+  ``config.CACHE_BUDGET``) memory-maps it instead when the npz stores it
+  uncompressed (``np.savez``); a compressed member is always read whole.
   """
 
   def __init__(self, path: os.PathLike | str, split: str,
                num_classes: int | None = None,
                class_names: Sequence[str] | None = None,
-               field: str = 'data.path'):
+               cache: str = 'auto', field: str = 'data.path'):
+    mode = config_lib.check_cache(cache)
     p = check_path(path, field, 'a MedMNIST-style .npz file')
     if p.is_dir():
       raise ValueError(f'{field}: {p} is a folder; data.source=npz needs a '
@@ -194,21 +400,32 @@ class NpzSource(_Base):
               f'{field}: {p} has no key {key!r} (keys: {sorted(keys)}). A '
               "MedMNIST-style npz needs '{split}_images' and '{split}_labels';"
               f' splits available: {splits}.')
+      member = None if mode == 'on' else _stored_npy(p, f'{split}_images')
+      if member is not None and (
+          member[2] != np.uint8 or
+          mode == 'auto' and np.prod(member[1]) <= config_lib.CACHE_BUDGET):
+        member = None
       try:
-        images = npz[f'{split}_images']
+        images = None if member else npz[f'{split}_images']
         labels = npz[f'{split}_labels']
       except ValueError as e:  # object arrays need pickle
         raise ValueError(f'{field}: {p}: cannot load {split} arrays without '
                          f'pickle ({e}); save them as plain numeric arrays.'
                          ) from e
     where = f'{p} [{split}_images]'
-    if images.ndim == 3:
-      images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    shape = member[1] if member else images.shape
+    if len(shape) == 3:
+      shape = shape + (1,)
+    if len(shape) != 4 or shape[-1] not in (1, 3):
       raise ValueError(
           f'{where}: expected (N, H, W) grey or (N, H, W, 1|3) images, got '
-          f'shape {images.shape}. Convert the images to 1 or 3 channels.')
-    self.images = _as_uint8(images, where)
+          f'shape {shape}. Convert the images to 1 or 3 channels.')
+    if member:
+      image_col = _Column.mapped(p, member[0], shape)
+    else:
+      image_col = _Column(_as_uint8(images.reshape(shape), where))
+    self._store = ImageStore({'image': image_col})
+    self.mapped = member is not None  # memory-mapped from the file
     where = f'{p} [{split}_labels]'
     if labels.ndim == 2 and labels.shape[1] > 1:
       raise ValueError(
@@ -217,9 +434,9 @@ class NpzSource(_Base):
           'single-label (N,) or (N, 1) label array.')
     if labels.ndim == 2:
       labels = labels[:, 0]
-    if labels.ndim != 1 or len(labels) != len(images):
-      raise ValueError(f'{where}: expected ({len(images)},) or '
-                       f'({len(images)}, 1) labels, got {labels.shape}.')
+    if labels.ndim != 1 or len(labels) != shape[0]:
+      raise ValueError(f'{where}: expected ({shape[0]},) or '
+                       f'({shape[0]}, 1) labels, got {labels.shape}.')
     if not (np.issubdtype(labels.dtype, np.integer) or
             np.issubdtype(labels.dtype, np.bool_)):
       if not np.all(np.equal(np.mod(labels, 1), 0)):
@@ -237,7 +454,8 @@ class NpzSource(_Base):
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = self._index(index)
-    return {'image': self.images[index], 'label': self.labels[index]}
+    return {'image': self._store.columns['image'][index],
+            'label': self.labels[index]}
 
 
 # ----------------------------------------------------------------------------
@@ -247,8 +465,9 @@ class SegFolderSource(_Base):
   """Segmentation pairs listed in ``root/split.csv`` (``image,mask,split``).
 
   Paths in the csv are relative to ``root``. Masks with values {0, 255} are
-  binarised (``> 127 -> 1``); other masks are kept as class indices. Decoding
-  is lazy (PIL) and the decoded arrays are cached in memory after first read.
+  binarised (``> 127 -> 1``); other masks are kept as class indices. With
+  ``cache`` on (see ``ImageStore``) every pair is decoded once at construction;
+  off, each read decodes with PIL.
   """
 
   task = SEGMENTATION
@@ -256,7 +475,8 @@ class SegFolderSource(_Base):
   def __init__(self, root: os.PathLike | str, split: str,
                num_classes: int | None = None,
                class_names: Sequence[str] | None = None,
-               cache: bool = True, field: str = 'data.path'):
+               cache: str = 'auto', field: str = 'data.path'):
+    config_lib.check_cache(cache)
     root = check_path(root, field,
                          'a folder with images/, masks/ and split.csv')
     csv_path = root / 'split.csv'
@@ -298,8 +518,7 @@ class SegFolderSource(_Base):
       self.class_names = tuple(class_names)
     elif self.num_classes == 2:
       self.class_names = ('background', 'foreground')
-    self._cache: dict[int, dict[str, np.ndarray]] | None = {} if cache else None
-    self._lock = threading.Lock()
+    self._store = _image_store(cache, len(self.image_paths), self._decode)
 
   def __len__(self) -> int:
     return len(self.image_paths)
@@ -322,35 +541,20 @@ class SegFolderSource(_Base):
           'Set task.num_classes or store masks as {0,255} / class indices.')
     return mask
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    index = self._index(index)
-    if self._cache is not None:
-      rec = self._cache.get(index)
-      if rec is not None:
-        return rec
+  def _decode(self, index: int) -> dict[str, np.ndarray]:
     rec = {'image': _decode_image(self.image_paths[index]),
            'mask': self._load_mask(self.mask_paths[index])}
     if rec['image'].shape[:2] != rec['mask'].shape:
       raise ValueError(f'mask {self.mask_paths[index]} has shape '
                        f'{rec["mask"].shape}, image {self.image_paths[index]} '
                        f'{rec["image"].shape[:2]}; they must match.')
-    rec['image'].setflags(write=False)
-    rec['mask'].setflags(write=False)
-    if self._cache is not None:
-      with self._lock:
-        self._cache[index] = rec
     return rec
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    del state['_lock']
-    if state['_cache'] is not None:
-      state['_cache'] = {}
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = self._index(index)
+    if self._store is not None:
+      return self._store[index]
+    return self._decode(index)
 
 
 # ----------------------------------------------------------------------------
@@ -361,13 +565,16 @@ class ClassFolderSource(_Base):
 
   Class index = position in the sorted class names, taken over the union of
   the class folders of every split folder under ``root`` (so a split missing
-  a class keeps the same indices), unless ``class_names`` is given.
+  a class keeps the same indices), unless ``class_names`` is given. With
+  ``cache`` on (see ``ImageStore``) the images are decoded once at
+  construction; off, each read decodes with PIL.
   """
 
   def __init__(self, root: os.PathLike | str, split: str,
                num_classes: int | None = None,
                class_names: Sequence[str] | None = None,
-               field: str = 'data.path'):
+               cache: str = 'auto', field: str = 'data.path'):
+    config_lib.check_cache(cache)
     root = check_path(root, field, 'a folder laid out as '
                          'root/<split>/<class_name>/*.png')
     split_dir = root / split
@@ -409,14 +616,20 @@ class ClassFolderSource(_Base):
                        'in its class folders.')
     self.paths = paths
     self.labels = np.asarray(labels, np.int32)
+    self._store = _image_store(cache, len(paths), self._decode)
 
   def __len__(self) -> int:
     return len(self.paths)
 
+  def _decode(self, index: int) -> dict[str, np.ndarray]:
+    return {'image': _decode_image(self.paths[index])}
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = self._index(index)
-    return {'image': _decode_image(self.paths[index]),
-            'label': self.labels[index]}
+    rec = (self._decode(index) if self._store is None else
+           self._store[index])
+    rec['label'] = self.labels[index]
+    return rec
 
 
 # ----------------------------------------------------------------------------
@@ -559,14 +772,17 @@ class JpegNpzSource(_Base):
   """JPEGs concatenated in ``jpeg_bytes`` with ``offsets`` (N+1,), unlabelled.
 
   Split 'train' = all but the last ``val_count`` images, 'val' = the last
-  ``val_count``. Images are decoded per item with PIL ``.convert('RGB')``;
-  every label is 0.
+  ``val_count``. Images are decoded with PIL ``.convert('RGB')``: once at
+  construction with ``cache`` on (see ``ImageStore``; the JPEG bytes are then
+  dropped), else per item from the split's bytes. Every label is 0.
   """
 
   SPLITS = ('train', 'val')
 
   def __init__(self, path: os.PathLike | str, split: str,
-               val_count: int = 1000, field: str = 'data.path'):
+               val_count: int = 1000, cache: str = 'auto',
+               field: str = 'data.path'):
+    config_lib.check_cache(cache)
     p = check_path(path, field, 'an .npz with jpeg_bytes and offsets')
     if split not in self.SPLITS:
       raise ValueError(f'data.source=jpeg_npz has splits {self.SPLITS}, not '
@@ -598,21 +814,33 @@ class JpegNpzSource(_Base):
                        f'for {p} ({n} images).')
     start, stop = (0, n - val_count) if split == 'train' else (n - val_count, n)
     self.path, self.split, self.val_count = p, split, val_count
-    self._data, self._offsets = data, offsets
+    offsets = offsets[start:stop + 1]
+    self._bytes = _Column(data[offsets[0]:offsets[-1]].copy(),  # this split's
+                          offsets - offsets[0], np.diff(offsets)[:, None])
+    del data
     self._start, self._len = start, stop - start
     self.labels = np.zeros(self._len, np.int32)
     self.num_classes, self.class_names = 1, ('unlabelled',)
+    self._store = _image_store(cache, self._len, self._decode)
+    if self._store is not None:
+      self._bytes = None
 
   def __len__(self) -> int:
     return self._len
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    j = self._start + self._index(index)
-    raw = self._data[self._offsets[j]:self._offsets[j + 1]].tobytes()
-    where = f'{self.path} image #{j}'
+  def _decode(self, index: int) -> dict[str, np.ndarray]:
+    raw = self._bytes[index].tobytes()
     try:
-      with Image.open(io.BytesIO(raw)) as img:
-        image = np.asarray(img.convert('RGB'))
+      with Image.open(io.BytesIO(raw), formats=('JPEG',)) as img:
+        image = np.asarray(img if img.mode == 'RGB' else img.convert('RGB'))
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'{where}: cannot decode JPEG ({e}).') from e
-    return {'image': image, 'label': np.int32(0)}
+      raise ValueError(f'{self.path} image #{self._start + index}: cannot '
+                       f'decode JPEG ({e}).') from e
+    return {'image': image}
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = self._index(index)
+    rec = (self._decode(index) if self._store is None else
+           self._store[index])
+    rec['label'] = np.int32(0)
+    return rec

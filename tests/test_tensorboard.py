@@ -1,0 +1,109 @@
+"""TensorBoard gets the report's images beside the scalars: MAE reconstructions (pretext stages) and
+segmentation overlays (segmentation task stages), at every evaluation and at the end of a run.
+
+The event files are read without TensorFlow / tensorboard: TFRecord framing (length, masked CRC-32C, data,
+masked CRC-32C; checked with tensorboardX's own CRC) and tensorboardX's Event proto.
+"""
+import io
+import pathlib
+import struct
+
+import numpy as np
+from PIL import Image
+
+from conftest import load_config
+from tpp_jax import engine
+
+
+def read_events(workdir: pathlib.Path) -> list:
+  """Every Event of the run's TensorBoard event files (workdir/tb/events.out.tfevents.*)."""
+  from tensorboardX.proto.event_pb2 import Event
+  from tensorboardX.record_writer import masked_crc32c
+  files = sorted((workdir / "tb").glob("events.out.tfevents.*"))
+  assert files, f"no event file in {workdir / 'tb'}"
+  events = []
+  for f in files:
+    data, pos = f.read_bytes(), 0
+    while pos < len(data):
+      header = data[pos:pos + 8]
+      (length,) = struct.unpack("<Q", header)
+      assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(header), f"{f}: bad length CRC"
+      record = data[pos + 12:pos + 12 + length]
+      assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == masked_crc32c(record), f
+      events.append(Event.FromString(record))
+      pos += 16 + length
+  return events
+
+
+def summaries(events, kind: str) -> dict:
+  """{(tag, step): value} of the image (kind='image') or scalar (kind='simple_value') summaries."""
+  out = {}
+  for e in events:
+    for v in e.summary.value:
+      if v.WhichOneof("value") == kind:
+        out[(v.tag, e.step)] = v.image if kind == "image" else v.simple_value
+  return out
+
+
+def check_png(image, min_size=64) -> np.ndarray:
+  png = image.encoded_image_string
+  assert png.startswith(b"\x89PNG\r\n\x1a\n"), png[:8]
+  img = Image.open(io.BytesIO(png))
+  img.load()
+  assert (img.height, img.width) == (image.height, image.width)
+  assert min(img.size) >= min_size, img.size
+  a = np.asarray(img.convert("RGB"))
+  assert a.std() > 1.0, "blank image"
+  return a
+
+
+def test_tpp_run_writes_mae_reconstructions(tmp_path):
+  c = load_config("experiment", "demo,smoke,stage=tpp,steps=4,eval_every=2,checkpoint_every=0,"
+                  "data.max_train_examples=32,data.max_eval_examples=16")
+  engine.train(c, tmp_path / "tpp")
+  events = read_events(tmp_path / "tpp")
+  images = summaries(events, "image")
+  # at the evaluation of step 2 and at the end (step 4), on validation images
+  assert set(images) == {("val/mae_reconstructions", 2), ("val/mae_reconstructions", 4)}, set(images)
+  for image in images.values():
+    check_png(image)
+  scalars = summaries(events, "simple_value")
+  assert ("val/loss", 2) in scalars and ("train/loss", 4) in scalars  # the scalars are still there
+
+
+def _seg_folder(root: pathlib.Path, n: int = 40, size: int = 32) -> pathlib.Path:
+  rng = np.random.default_rng(0)
+  (root / "images").mkdir(parents=True)
+  (root / "masks").mkdir()
+  rows = ["image,mask,split"]
+  for i in range(n):
+    img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    y, x = rng.integers(4, size - 12, 2)
+    mask[y:y + 10, x:x + 10] = 255
+    img[mask > 0] = 230  # a bright square to segment
+    Image.fromarray(img).save(root / "images" / f"{i}.png")
+    Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    rows.append(f"images/{i}.png,masks/{i}.png,{('train', 'train', 'val', 'test')[i % 4]}")
+  (root / "split.csv").write_text("\n".join(rows) + "\n")
+  return root
+
+
+def test_segmentation_run_writes_overlays(tmp_path):
+  c = load_config("experiment", "kvasir,smoke,px32,steps=2,eval_every=0,checkpoint_every=0")
+  c.data.path = str(_seg_folder(tmp_path / "seg"))
+  engine.train(c, tmp_path / "ft")
+  events = read_events(tmp_path / "ft")
+  images = summaries(events, "image")
+  assert set(images) == {("val/segmentation_overlays", 2)}, set(images)
+  check_png(images[("val/segmentation_overlays", 2)])
+  assert ("val/dice", 2) in summaries(events, "simple_value")
+
+
+def test_classification_run_writes_scalars_only(tmp_path):
+  c = load_config("experiment", "demo,smoke,stage=linear,steps=2,eval_every=0,checkpoint_every=0,"
+                  "data.max_train_examples=32,data.max_eval_examples=16")
+  engine.train(c, tmp_path / "lin")
+  events = read_events(tmp_path / "lin")
+  assert not summaries(events, "image")
+  assert ("val/accuracy", 2) in summaries(events, "simple_value")
