@@ -150,7 +150,7 @@ _TORCH_LAYOUTS = {
         modules={"embeddings.patch_embeddings.projection": ("enc", "patch_embed", "conv"),
                  "layernorm": ("enc", "norm", "norm"), "decoder.decoder_embed": ("dec", "embed", "dense"),
                  "decoder.decoder_norm": ("dec", "norm", "norm"), "decoder.decoder_pred": ("dec", "pred", "dense")},
-        blocks={"enc": r"(?:encoder\.layer|layers)\.(\d+)\.(.+)", "dec": r"decoder\.decoder_layers\.(\d+)\.(.+)"},
+        blocks={"enc": r"(?:encoder\.layer|layers)\.(\d+)\.(.+)", "dec": r"decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)"},
         ignore=r"(pooler|classifier)\..*|embeddings\.mask_token|.*position_ids",
         decoder=r"decoder\..*"),
 }

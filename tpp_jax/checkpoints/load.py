@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -65,16 +64,12 @@ def hf_weights_file(folder: pathlib.Path) -> pathlib.Path | None:
 
 def _read_state_dict(p: pathlib.Path) -> dict:
   from tpp_jax.checkpoints import convert
-  if p.name.endswith(".index.json"):  # sharded HF weights: {"weight_map": {name: shard file}}
-    shards = sorted(set(json.loads(p.read_text())["weight_map"].values()))
-    sd = {}
-    for s in shards:
-      sd.update(convert.load_state_dict(p.parent / s))
-  else:
-    sd = convert.load_state_dict(p)
-  # transformers 5 `save_pretrained` writes the ViTMAE decoder's `decoder_layers.N` as `decoder_encoder.layer.N`
-  # (its v4-name reversal of `encoder.layer.` -> `layers.`); transformers itself reads both.
-  return {re.sub(r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers.", k): v for k, v in sd.items()}
+  if not p.name.endswith(".index.json"):
+    return convert.load_state_dict(p)
+  sd = {}  # sharded HF weights: {"weight_map": {name: shard file}}
+  for shard in sorted(set(json.loads(p.read_text())["weight_map"].values())):
+    sd.update(convert.load_state_dict(p.parent / shard))
+  return sd
 
 
 def check_hf_config(config, weights: pathlib.Path, use_decoder: bool):
