@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_config, run_cli
-from tpp_jax import engine, partition
+from tpp_jax import config as config_lib, engine, partition
 from tpp_jax.checkpoints import store
 
 
@@ -132,6 +132,20 @@ def test_a_different_config_never_overwrites_a_run(pneumonia_npz, tmp_path):
   engine.train(_cfg(pneumonia_npz, "steps=2"), tmp_path / "run")
   with pytest.raises(engine.ConfigError, match="different config"):
     engine.train(_cfg(pneumonia_npz, "steps=2,optim.lr=0.5"), tmp_path / "run")
+
+
+def test_a_run_saved_before_a_new_config_field_still_resumes(tmp_path):
+  """config.json of an older version lacks fields added since (e.g. data.workers, init.adapter): they are defaults."""
+  c = load_config("experiment", "demo,smoke,steps=2")
+  engine.check_workdir(c, tmp_path)  # empty workdir: nothing to compare
+  saved = json.loads(config_lib.to_json(c))
+  del saved["data"]["workers"], saved["init"]["adapter"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  engine.check_workdir(c, tmp_path)  # the same run: resumes
+  with c.unlocked():
+    c.data.workers = "2"
+  with pytest.raises(engine.ConfigError, match=r"fields \['data'\]"):
+    engine.check_workdir(c, tmp_path)
 
 
 def test_nan_loss_stops_with_a_clear_error(pneumonia_npz, tmp_path):
