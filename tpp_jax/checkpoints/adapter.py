@@ -28,6 +28,7 @@ import numpy as np
 
 from tpp_jax import config as config_lib
 from tpp_jax.checkpoints.hf_export import flatten
+from tpp_jax.checkpoints.store import unflatten
 
 ConfigError = config_lib.ConfigError
 ADAPTER_FORMAT, ADAPTER_VERSION = "tpp_jax.adapter", 1
@@ -49,17 +50,6 @@ _OUR_SITE_PATH = {"q": "attn/q", "k": "attn/k", "v": "attn/v", "o": "attn/o", "f
 # config fields that may differ between the run that trained the leaves and the run that loads them
 _FREE_PEFT = ("dropout", "prompt_dropout")
 _FREE_MODEL = ("dropout", "drop_path", "dtype", "pooling")  # pooling: checked only where the head is loaded
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for k, v in flat.items():
-    *parents, leaf = k.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
 
 
 def folder_kind(path) -> str | None:

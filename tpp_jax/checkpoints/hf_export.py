@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tpp_jax.checkpoints import store
+
 # our module inside a block -> HF module (kind: dense | norm)
 _BLOCK = {
     "attn/q": ("attention.attention.query", "dense"), "attn/k": ("attention.attention.key", "dense"),
@@ -31,13 +33,8 @@ class NotAViTModel(ValueError):
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = np.asarray(v, np.float32)
-  return out
+  """store.flatten with float32 leaves."""
+  return {k: np.asarray(v, np.float32) for k, v in store.flatten(tree, prefix).items()}
 
 
 def vit_state_dict(encoder_params: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -110,10 +110,11 @@ def read_json(path: pathlib.Path) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+  """Nested dict -> {'a/b/c': array}; the inverse of `unflatten`."""
   out = {}
   for k, v in tree.items():
     key = f"{prefix}{k}"
-    if isinstance(v, dict):
+    if isinstance(v, Mapping):
       out.update(flatten(v, key + "/"))
     else:
       out[key] = np.asarray(v)
