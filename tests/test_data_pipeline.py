@@ -29,7 +29,8 @@ class _IdSource:
 
 
 _TRAIN = transforms.make_transform(
-    {'image_size': 4, 'channels': 1, 'augment': {'hflip': True,
+    {'image_size': 4, 'channels': 1, 'augment': {'crop_scale': None,
+                                                 'hflip': True,
                                                  'intensity': 0.2}}, train=True)
 _EVAL = transforms.make_transform({'image_size': 4, 'channels': 3}, train=False)
 

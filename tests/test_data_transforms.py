@@ -15,9 +15,14 @@ def _blocky_pair(seed, size=64, cells=8):
   return {'image': image, 'mask': mask}
 
 
+# A partial block takes base_config's augment (crop + hflip): start from none.
+NO_AUG = dict(crop_scale=None, hflip=False, vflip=False, rotate=0.0,
+              intensity=0.0)
+
+
 def _cfg(**augment):
   return {'image_size': 48, 'channels': 1, 'mean': 0.0, 'std': 1.0,
-          'augment': augment}
+          'augment': dict(NO_AUG, **augment)}
 
 
 def _disagreement(out):
@@ -153,14 +158,17 @@ def test_intensity_jitter_range():
 @pytest.mark.parametrize('cfg', [
     # the demo (configs/default.py) and stage-0 (configs/house_backbone.py) training transforms
     {'image_size': 64, 'channels': 3, 'mean': (0.485, 0.456, 0.406),
-     'std': (0.229, 0.224, 0.225), 'augment': dict(crop_scale=(0.8, 1.0))},
+     'std': (0.229, 0.224, 0.225),
+     'augment': dict(crop_scale=(0.8, 1.0), hflip=False)},
     {'image_size': 64, 'channels': 3, 'mean': (0.485, 0.456, 0.406),
      'std': (0.229, 0.224, 0.225),
      'augment': dict(crop_scale=(0.35, 1.0), hflip=True)},
     {'image_size': 32, 'channels': 1, 'augment': dict(
         crop_scale=(0.3, 1.0), hflip=True, vflip=True, rotate=15.0,
         intensity=0.3)},
-    {'image_size': 40, 'channels': 3, 'augment': dict(hflip=True, vflip=True)},
+    {'image_size': 40, 'channels': 3,
+     'augment': dict(crop_scale=None, hflip=True, vflip=True)},
+    {'image_size': 24, 'channels': 3},  # base_config's augment
 ])
 def test_transform_is_bit_identical_to_the_chained_steps(cfg):
   """The fused fast path = random_resized_crop / resize, hflip, vflip, rotate,

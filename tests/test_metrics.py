@@ -239,3 +239,52 @@ def test_absent_class_is_nan_and_skipped_in_mean():
   out.update(target, target)
   res = out.compute()
   assert np.isnan(res["dice_per_class"][2]) and res["dice"] == 1.0 and res["iou"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ engine accumulators
+
+
+def test_metric_names_are_what_compute_returns():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 30)
+  assert tuple(metrics.classification_metrics(labels, _tied_probs(rng, 30, 3))) == metrics.CLASSIFICATION_METRICS
+  sm = metrics.SegMetrics(2)
+  sm.update(np.ones((1, 2, 2), int), np.ones((1, 2, 2), int))
+  assert set(metrics.SEGMENTATION_METRICS) <= set(sm.compute())
+  assert metrics.TASK_METRICS == {"classification": metrics.CLASSIFICATION_METRICS,
+                                  "segmentation": metrics.SEGMENTATION_METRICS}
+  for task, name in metrics.MAIN_METRIC.items():
+    assert name in metrics.TASK_METRICS[task]
+
+
+def test_classification_accumulator_add_takes_eval_outputs():
+  """`add(out)` with objectives/classification.py's eval outputs: metrics of the valid rows + their mean loss."""
+  rng = np.random.default_rng(5)
+  labels, probs = rng.integers(0, 2, 70), _tied_probs(rng, 70, 2)
+  loss, valid = rng.random(70), np.arange(70) < 61
+  acc = metrics.ClassificationAccumulator()
+  for lo in range(0, 70, 16):
+    sl = slice(lo, lo + 16)
+    acc.add({"probs": jnp.asarray(probs[sl]), "label": jnp.asarray(labels[sl]), "valid": valid[sl],
+             "loss": jnp.asarray(loss[sl])})
+  res = acc.compute()
+  want = metrics.classification_metrics(labels[valid], probs[valid])
+  assert {k: res[k] for k in want} == want
+  assert abs(res["loss"] - loss[valid].mean()) < 1e-6
+  acc.reset()
+  assert "loss" not in acc.compute()
+
+
+def test_seg_metrics_add_takes_eval_outputs():
+  """`add(out)` with objectives/segmentation.py's eval outputs: counts summed, loss = loss_sum / valid images."""
+  rng = np.random.default_rng(6)
+  pred, target = rng.integers(0, 3, (2, 5, 8, 8)), rng.integers(0, 3, (2, 5, 8, 8))
+  valid = np.array([[True] * 5, [True, True, False, False, False]])
+  sm, ref = metrics.SegMetrics(3), metrics.SegMetrics(3)
+  for p, t, v, ls in zip(pred, target, valid, (4.0, 1.5)):
+    sm.add({"counts": metrics.seg_counts(p, t, 3, v), "loss_sum": np.float32(ls), "count": np.float32(v.sum())})
+    ref.update(p, t, v)
+  res = sm.compute()
+  assert res["dice_per_class"] == ref.compute()["dice_per_class"]
+  assert res["loss"] == pytest.approx(5.5 / 7)
+  assert "loss" not in ref.compute()

@@ -14,12 +14,12 @@ from typing import Any, Callable, Mapping
 
 import ml_collections as mlc
 
+from tpp_jax.data.config import SOURCES
 from tpp_jax.models.peft import PEFT_TYPES
 
 STAGES = ("pretrain", "tpp", "finetune", "linear", "full", "eval", "pipeline")
-PRETEXTS = ("mae", "dino")
+PRETEXTS = ("mae", "dino", "contrastive")
 TASKS = ("classification", "segmentation")
-SOURCES = ("npz", "seg_folder", "class_folder", "tfds", "jpeg_npz")
 INIT_FORMATS = ("auto", "timm", "hf_vit", "hf_vit_mae", "hf_dinov2", "big_vision", "tpp", "none")
 
 
@@ -49,22 +49,39 @@ def base_config() -> mlc.ConfigDict:
       decoder_width=128, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512,
       # DINO
       dino_out_dim=1024, dino_hidden_dim=512, dino_bottleneck_dim=128, teacher_momentum=0.996,
-      teacher_temp=0.04, student_temp=0.1, center_momentum=0.9, local_crops=0, local_crop_size=32))
+      teacher_temp=0.04, student_temp=0.1, center_momentum=0.9,
+      local_crops=0, local_crop_size=32, local_crop_scale=(0.05, 0.4),  # DINO multi-crop (objectives/dino.py)
+      teacher_temp_warmup=0.04, teacher_temp_warmup_steps=0,  # DINO: teacher temp from this to teacher_temp
+      # contrastive (objectives/contrastive.py): NT-Xent temperature, projection head proj_head
+      contrastive_temp=0.2, proj_hidden_dim=256, proj_dim=128))
   c.task = mlc.ConfigDict(dict(
       type="classification", num_classes=2, label_smoothing=0.0, class_weights=False,
       head="linear",             # linear | bn_linear (linear-probe baseline)
       seg_decoder_dim=64, dice_weight=1.0))
+  # The one data schema: tpp_jax.data.config.resolve() reads it (a partial block takes the rest from here).
   c.data = mlc.ConfigDict(dict(
-      source="npz", path="", image_size=224, channels=3, mean=(0.5,), std=(0.5,),
-      augment=mlc.ConfigDict(dict(crop_scale=(0.7, 1.0), hflip=True, vflip=False, rotate=0.0, intensity=0.0)),
-      balance=False, tfds_name="", tfds_data_dir="", val_count=1000,
-      max_train_examples=0, max_eval_examples=0,
+      source="npz",              # npz | seg_folder | class_folder | tfds | jpeg_npz (tpp_jax.data.sources)
+      path="",                   # the .npz file or data folder (not used by tfds)
+      image_size=224, channels=3,  # square model input side; 1 (grey) or 3 channels
+      mean=(0.5,), std=(0.5,),   # (x/255 - mean)/std; 1 value (broadcast) or one per channel
+      augment=mlc.ConfigDict(dict(
+          crop_scale=(0.7, 1.0),     # random-resized-crop area fractions; None = plain resize
+          crop_ratio=(3 / 4, 4 / 3),  # its aspect-ratio range
+          hflip=True, vflip=False, rotate=0.0,  # rotate: max degrees
+          intensity=0.0)),           # brightness/contrast jitter strength in [0, 1)
+      balance=False,             # class-balanced sampling of the training split
+      tfds_name="", tfds_data_dir="",
+      tfds_image_key="image", tfds_label_key="label", tfds_mask_key="mask",
+      tfds_splits="",            # "" = the dataset's splits; or "train=train[:90%],val=train[90%:]"
+      val_count=1000,            # jpeg_npz: the last N images are the val split
+      max_train_examples=0, max_eval_examples=0,  # fixed random subsets (0 = all)
       workers="0",               # training-input processes (grain multiprocessing): "auto" | "0" (in-process) | "N"
+      prefetch=2,                # batches the training iterator reads ahead (0 = none)
       cache="auto",              # decoded images in memory: "auto" (split fits 2 GiB) | "on" | "off"
   ))
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=20, min_lr_ratio=0.01,
-      layer_decay=1.0))
+      layer_decay=1.0))          # layer-wise lr decay in (0, 1] (BEiT/MAE; engine.make_tx); 1.0 = off
   c.steps = 200
   c.batch_size = 64
   c.eval_every = 100
@@ -206,6 +223,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
                       "set both (grey images are repeated to 3 channels when data.channels=3).")
   if not 0.0 < c.pretext.mask_ratio < 1.0:
     raise ConfigError(f"pretext.mask_ratio={c.pretext.mask_ratio} must be in (0, 1).")
+  if not 0.0 < float(c.optim.layer_decay) <= 1.0:
+    raise ConfigError(f"optim.layer_decay={c.optim.layer_decay} must be in (0, 1] (e.g. 0.75; 1.0 = off).")
   if c.task.num_classes < 2:
     raise ConfigError(f"task.num_classes={c.task.num_classes} must be >= 2 (binary segmentation: 2).")
   for f in ("steps", "batch_size", "eval_batch_size", "log_every"):

@@ -1,11 +1,17 @@
 """The one training engine for every stage (DESIGN.md §1).
 
 init -> partition -> optimizer -> sharded jit step -> eval over whole splits -> checkpoint -> log.
-Stages differ only by the partition rules (partition.default_rules), the objective
-(objectives.make_objective) and what is loaded at init (config.init, config.target_init).
+Stages differ only by their entry in stages.STAGES: the partition rules, the objective and what is loaded at init
+(config.init, config.target_init). A Trainer is made in four steps:
+  build(config)          encoder, objective, abstract state (jax.eval_shape), labels, optimizer, shardings, jitted
+                         steps; reads no file (checkpoints.restore.load_run uses the same build code)
+  build_data(config)     sources and transforms (only where training / evaluation needs them)
+  Trainer.load()         random init, then checkpoints.load.load_init: backbone of init.path, target_init / adapter
+  Trainer.run()          the loop
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,9 +28,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tpp_jax import config as config_lib
 from tpp_jax import partition
+from tpp_jax import stages as stages_lib
 from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
-from tpp_jax.checkpoints.load import load_backbone, merge_into as _merge_into  # noqa: F401 (re-exported)
+from tpp_jax.checkpoints.load import load_backbone, load_target_init, merge_into as _merge_into  # noqa: F401
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
 from tpp_jax.models.peft import PeftConfig
@@ -48,85 +55,55 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 def build_encoder(config) -> ViT:
+  """The ViT of a config; stages without PEFT parameters (stages.STAGES[stage].peft) get peft.type='none'."""
   vit_cfg = ViTConfig.from_config(config.model)
   peft_cfg = dict(config.peft)
-  if config.stage in ("pretrain", "linear", "full"):
-    peft_cfg["type"] = "none"  # these stages train no PEFT parameters
+  peft_cfg["type"] = stages_lib.get(config.stage).peft_type(config)
   return ViT(vit_cfg, PeftConfig.from_config(peft_cfg))
+
+
+def dummy_batch(config, n: int = 2) -> dict:
+  """Zeros shaped like a training batch of the config (what model / objective init needs: shapes only)."""
+  s, c = int(config.model.image_size), int(config.model.channels)
+  return {"image": jnp.zeros((n, s, s, c), jnp.float32), "image2": jnp.zeros((n, s, s, c), jnp.float32),
+          "label": jnp.zeros((n,), jnp.int32), "mask": jnp.zeros((n, s, s), jnp.int32),
+          "valid": jnp.ones((n,), bool)}
+
+
+def param_init_fn(encoder: ViT, objective, batch: dict):
+  """rng -> random (params, aux) of encoder + objective. Values depend on the batch's shapes only."""
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  def init(rng):
+    r_enc, r_obj = jax.random.split(rng)
+    enc = encoder.init(r_enc, batch["image"][:2])["params"]
+    extra, aux = objective.init(r_obj, enc, batch)
+    params = {"encoder": enc, **extra}
+    if "teacher" in aux:  # DINO: the teacher mirrors the student (a copy of the loaded one: load.init_from_files)
+      aux = {**aux, "teacher": params}
+    return params, aux
+
+  return init
+
+
+def abstract_state(config, encoder: ViT, objective) -> tuple[dict, dict]:
+  """ShapeDtypeStruct trees of (params, aux) as the Trainer builds them; reads no file."""
+  return jax.eval_shape(param_init_fn(encoder, objective, dummy_batch(config)), jax.random.key(0))
 
 
 def init_params(config, encoder: ViT, objective, sample_batch, rng):
   """Random init of encoder + objective params, then the backbone (and MAE decoder) from config.init."""
-  r_enc, r_obj = jax.random.split(rng)
-  images = jnp.asarray(sample_batch["image"][:2])
-  enc_params = encoder.init(r_enc, images)["params"]
-  enc_params, dec_loaded, source = load_lib.init_encoder(config, encoder, enc_params)
-  extra, aux = objective.init(r_obj, enc_params, {k: jnp.asarray(v) for k, v in sample_batch.items()})
-  extra, source = load_lib.init_decoder(config, extra, dec_loaded, source)
-  params = {"encoder": enc_params, **extra}
-  if "teacher" in aux:  # DINO: the teacher starts as a copy of the (loaded) student
-    aux = {**aux, "teacher": jax.tree_util.tree_map(jnp.array, params)}
-  return params, aux, source
-
-
-def load_target_init(config, params, labels, aux=None) -> tuple[dict, dict]:
-  """Replace the target leaves of `params` by those of config.target_init, or target + task head of init.adapter.
-
-  target_init: the workdir of a `tpp` run, an exported adapter folder (`tpp_jax.export --format adapter`) or a
-  Hugging Face peft LoRA folder. init.adapter: an exported adapter folder of a finetune run (its task head and
-  head statistics too; the latter come back as info['aux']). Returns (params, info).
-  """
-  from tpp_jax.checkpoints import adapter as adapter_lib
-  adapter = str(config.init.get("adapter", "") or "")
-  field = "init.adapter" if adapter else "target_init"
-  if adapter and config.target_init:
-    raise ConfigError("Both target_init and init.adapter are set; init.adapter already holds the target parameters "
-                      "(and the task head): clear one of them.")
-  if adapter and config.stage != "finetune":
-    raise ConfigError(f"init.adapter is only used by stage 'finetune' (stage is {config.stage!r}); clear it.")
-  tpp_dir = pathlib.Path(adapter or config.target_init).expanduser()
-  kind = adapter_lib.folder_kind(tpp_dir) if tpp_dir.is_dir() else None
-  if adapter and kind != "adapter":
-    raise FileNotFoundError(f"init.adapter={str(tpp_dir)!r} is not a tpp_jax adapter folder (adapter_config.json + "
-                            "adapter.safetensors from `python -m tpp_jax.export RUN OUT --format adapter`).")
-  if kind is not None:
-    target = partition.subtree(params, labels, "target")
-    if not target:
-      raise ConfigError(f"{field} is set but this model has no target parameters (peft.type='none'?).")
-    info = {"path": str(tpp_dir), "kind": kind}
-    if kind == "peft":
-      loaded, _ = adapter_lib.read_peft(tpp_dir, config, target)
-      return _merge_into(params, loaded, "params"), info
-    loaded, flat, meta = adapter_lib.load_adapter_target(config, params, target, tpp_dir, field)
-    info["step"] = int(meta.get("step", 0))
-    if adapter:
-      loaded["head"], info["aux"] = adapter_lib.load_adapter_head(config, params, aux, flat, meta, tpp_dir)
-    return _merge_into(params, loaded, "params"), info
-  cfg_file = tpp_dir / "config.json"
-  if not cfg_file.exists():
-    raise FileNotFoundError(f"target_init={str(tpp_dir)!r} has no config.json; it must be the --workdir of a "
-                            "`tpp` run, an exported adapter folder or a peft LoRA folder.")
-  tpp_cfg = store_lib.read_json(cfg_file)
-  if tpp_cfg.get("stage") != "tpp":
-    raise ConfigError(f"target_init points at a {tpp_cfg.get('stage')!r} run; it must be a `tpp` run's workdir.")
-  mine = {k: v for k, v in config.peft.to_dict().items() if k not in ("dropout", "prompt_dropout")}
-  theirs = {k: v for k, v in tpp_cfg["peft"].items() if k not in ("dropout", "prompt_dropout")}
-  if mine != theirs:
-    diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
-    raise ConfigError(f"peft config differs from the TPP run in {str(tpp_dir)!r} at {diff}: "
-                      f"{ {k: theirs.get(k) for k in diff} } there vs { {k: mine.get(k) for k in diff} } here.")
-  if str(tpp_cfg.get("init", {}).get("path", "")) != str(config.init.path):
-    raise ConfigError(f"The TPP run used backbone init.path={tpp_cfg['init']['path']!r} but this run uses "
-                      f"{config.init.path!r}; target parameters only make sense on the backbone they were "
-                      "trained with.")
-  target = partition.subtree(params, labels, "target")
-  if not target:
-    raise ConfigError("target_init is set but this model has no target parameters (peft.type='none'?).")
-  loaded, step = store_lib.load_subtree(tpp_dir, target)
-  return _merge_into(params, loaded, "params"), {"path": str(tpp_dir), "step": int(step)}
+  params, aux = param_init_fn(encoder, objective, sample_batch)(rng)
+  return load_lib.init_from_files(config, encoder, params, aux)
 
 
 def make_tx(config, labels):
+  """AdamW (warmup-cosine lr) on the trainable labels, set_to_zero on frozen ones; returns (tx, schedule).
+
+  optim.layer_decay < 1: layer-wise lr decay (BEiT / MAE fine-tuning) with L encoder blocks: updates of
+  encoder/blocks_i/* are scaled by decay^(L-i), encoder/{patch_embed,cls,pos_embed,reg} by decay^(L+1); the
+  rest (encoder/norm, VPT prompts, heads, decoders) keeps the full lr. 1.0 = off (the optimizer state is unchanged).
+  """
   o = config.optim
   warmup = min(int(o.warmup_steps), max(int(config.steps) - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
@@ -135,7 +112,29 @@ def make_tx(config, labels):
   inner = optax.chain(
       optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
-  return partition.make_optimizer(labels, inner), schedule
+  tx = partition.make_optimizer(labels, inner)
+  decay = float(o.layer_decay)
+  if decay == 1.0:
+    return tx, schedule
+  import re
+  keys = lambda path: [str(getattr(k, "key", k)) for k in path]
+  flat = jax.tree_util.tree_flatten_with_path(labels)[0]
+  blocks = {int(m.group(1)) for p, _ in flat for k in [keys(p)]
+            if len(k) > 1 and k[0] == "encoder" and (m := re.fullmatch(r"blocks_(\d+)", k[1]))}
+  depth = max(blocks) + 1 if blocks else 0
+
+  def scale(path, _):
+    k = keys(path)
+    if len(k) < 2 or k[0] != "encoder":
+      return 1.0
+    m = re.fullmatch(r"blocks_(\d+)", k[1])
+    if m:
+      return decay ** (depth - int(m.group(1)))
+    return decay ** (depth + 1) if k[1] in ("patch_embed", "cls", "pos_embed", "reg") else 1.0
+
+  scales = jax.tree_util.tree_map_with_path(scale, labels)
+  scaled = optax.stateless(lambda updates, params=None: jax.tree_util.tree_map(lambda u, s: u * s, updates, scales))
+  return optax.chain(tx, scaled), schedule
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +161,119 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global jax arrays sharded on the data axis."""
   sh = NamedSharding(mesh, P("data"))
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) The build step: everything but the data and the weights; reads no file
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Built:
+  """What build(config) makes; `params` / `aux` / `state` are abstract (jax.ShapeDtypeStruct trees)."""
+  config: mlc.ConfigDict
+  stage: stages_lib.Stage
+  mesh: Mesh
+  encoder: ViT
+  objective: Any
+  init_fn: Any            # rng -> random (params, aux)
+  params: dict
+  aux: dict
+  labels: dict            # partition labels of params
+  counts: dict            # partition.param_counts
+  tx: optax.GradientTransformation
+  schedule: Any
+  state: dict             # {'step', 'params', 'opt_state', 'aux'}
+  state_sharding: dict
+  train_step: Any         # jitted (state, batch, base_rng) -> (state, metrics)
+  eval_step: Any          # jitted (params, aux, batch) -> outputs
+
+
+def build_model(config) -> tuple[ViT, Any]:
+  """(encoder, objective) of a validated config."""
+  encoder = build_encoder(config)
+  return encoder, make_objective(config, encoder)
+
+
+def build(config, devices=None) -> Built:
+  """The build step of a training stage (stages.STAGES[config.stage].trains); reads nothing but the config."""
+  stage = stages_lib.STAGES.get(config.stage)
+  if stage is None or not stage.trains:
+    raise ConfigError(f"stage {config.stage!r} is not a training stage; use main.py / pipeline.py.")
+  mesh = make_mesh(devices)
+  n_dev = mesh.devices.size
+  for f in ("batch_size", "eval_batch_size"):
+    if int(config[f]) % n_dev:
+      raise ConfigError(f"{f}={config[f]} must be a multiple of the device count ({n_dev}).")
+  encoder, objective = build_model(config)
+  init_fn = param_init_fn(encoder, objective, dummy_batch(config))
+  params, aux = jax.eval_shape(init_fn, jax.random.key(0))
+  labels = partition.label_tree(params, stages_lib.rules_for(config))
+  tx, schedule = make_tx(config, labels)
+  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+           "opt_state": jax.eval_shape(tx.init, params), "aux": aux}
+  sharding = state_shardings(state, mesh, bool(config.fsdp))
+  train_step, eval_step = compile_steps(objective, tx, schedule, mesh, sharding)
+  return Built(config=config, stage=stage, mesh=mesh, encoder=encoder, objective=objective, init_fn=init_fn,
+               params=params, aux=aux, labels=labels, counts=partition.param_counts(params, labels), tx=tx,
+               schedule=schedule, state=state, state_sharding=sharding, train_step=train_step, eval_step=eval_step)
+
+
+def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding):
+  """The jitted (train_step, eval_step) of an objective and optimizer over `mesh` (traced at the first call)."""
+  repl = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+
+  def train_step(state, batch, base_rng):
+    step = state["step"]
+    rng = jax.random.fold_in(base_rng, step)
+    def loss_fn(params):
+      return obj.loss(params, state["aux"], batch, rng, True)
+    (loss, (mets, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    aux = obj.after_step(params, aux, step)
+    mets = {**mets, "update_norm": optax.tree.norm(updates), "lr": schedule(step)}
+    return {"step": step + 1, "params": params, "opt_state": opt_state, "aux": aux}, mets
+
+  def eval_step(params, aux, batch):
+    return obj.eval_outputs(params, aux, batch)
+
+  return (jax.jit(train_step, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
+                  donate_argnums=0),
+          jax.jit(eval_step, in_shardings=(state_sharding["params"], state_sharding["aux"], data)))
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) The data: only where training / evaluation needs it
+# ------------------------------------------------------------------------------------------------
+
+def build_sources(config) -> dict:
+  """{split: source} of config.data, with the max_train_examples / max_eval_examples subsets."""
+  num_classes = int(config.task.num_classes) if stages_lib.get(config.stage).needs_labels else None
+  sources = data_pipeline.build_sources(config.data, num_classes=num_classes)
+  if "train" not in sources:
+    raise ConfigError(f"data source {config.data.source!r} at {config.data.path!r} has no 'train' split.")
+  if config.data.max_train_examples:
+    sources["train"] = _Subset(sources["train"], int(config.data.max_train_examples))
+  if config.data.max_eval_examples:
+    for s in list(sources):
+      if s != "train":
+        sources[s] = _Subset(sources[s], int(config.data.max_eval_examples))
+  return sources
+
+
+def build_data(config, objective) -> tuple[dict, Any, Any]:
+  """(sources, train transform, eval transform) for training `objective`; sets its class weights if asked."""
+  sources = build_sources(config)
+  if objective.needs_labels and config.data.source == "jpeg_npz":
+    raise ConfigError("data.source='jpeg_npz' has no labels; use it for stage 'pretrain' or 'tpp'.")
+  train_fn = data_transforms.make_transform(config.data, train=True)
+  if objective.views == 2:
+    train_fn = _two_views(train_fn)
+  eval_fn = data_transforms.make_transform(config.data, train=False)
+  if config.task.class_weights and hasattr(objective, "class_weights"):
+    objective.class_weights = np.asarray(data_pipeline.class_weights(sources["train"]), np.float32)
+  return sources, train_fn, eval_fn
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,85 +339,28 @@ class Trainer:
 
   def __init__(self, config: mlc.ConfigDict, workdir: str | os.PathLike, devices=None):
     self.config = config = config_lib.validate(config)
-    if config.stage in ("eval", "pipeline"):
-      raise ConfigError(f"stage {config.stage!r} is not a training stage; use main.py / pipeline.py.")
     self.workdir = pathlib.Path(workdir).absolute()
-    self.mesh = make_mesh(devices)
-    n_dev, n_proc = self.mesh.devices.size, jax.process_count()
-    for f in ("batch_size", "eval_batch_size"):
-      if int(config[f]) % n_dev:
-        raise ConfigError(f"{f}={config[f]} must be a multiple of the device count ({n_dev}).")
+    built = build(config, devices)  # (a) nothing read but the config
+    self.built, self.stage, self.mesh = built, built.stage, built.mesh
+    self.encoder, self.objective, self.labels, self.counts = built.encoder, built.objective, built.labels, built.counts
+    self.tx, self.schedule, self.state_sharding = built.tx, built.schedule, built.state_sharding
+    self.train_step, self.eval_step = built.train_step, built.eval_step
+    n_proc = jax.process_count()
     self.local_batch = int(config.batch_size) // n_proc
     self.local_eval_batch = int(config.eval_batch_size) // n_proc
+    self.sources, self.train_fn, self.eval_fn = build_data(config, self.objective)  # (c)
+    self.load()  # (b)
 
-    # data
-    num_classes = int(config.task.num_classes) if config.stage not in ("pretrain", "tpp") else None
-    self.sources = data_pipeline.build_sources(config.data, num_classes=num_classes)
-    if "train" not in self.sources:
-      raise ConfigError(f"data source {config.data.source!r} at {config.data.path!r} has no 'train' split.")
-    if config.data.max_train_examples:
-      self.sources["train"] = _Subset(self.sources["train"], int(config.data.max_train_examples))
-    if config.data.max_eval_examples:
-      for s in list(self.sources):
-        if s != "train":
-          self.sources[s] = _Subset(self.sources[s], int(config.data.max_eval_examples))
-
-    # model, objective, params
-    self.encoder = build_encoder(config)
-    self.objective = make_objective(config, self.encoder)
-    if self.objective.needs_labels and config.data.source == "jpeg_npz":
-      raise ConfigError("data.source='jpeg_npz' has no labels; use it for stage 'pretrain' or 'tpp'.")
-    self.train_fn = data_transforms.make_transform(config.data, train=True)
-    if self.objective.views == 2:
-      self.train_fn = _two_views(self.train_fn)
-    self.eval_fn = data_transforms.make_transform(config.data, train=False)
-    if config.task.class_weights and hasattr(self.objective, "class_weights"):
-      self.objective.class_weights = np.asarray(data_pipeline.class_weights(self.sources["train"]), np.float32)
-
-    sample = self.train_fn(self.sources["train"][0], np.random.default_rng(0))
-    sample = {k: np.stack([v, v]) for k, v in sample.items()}
+  def load(self):
+    """(b) The load step: random init (seed), backbone of init.path, target_init / init.adapter -> self.state."""
+    config = self.config
     rng = jax.random.key(int(config.seed))
     self.base_rng = jax.random.fold_in(rng, 1)
-    params, aux, self.init_source = init_params(config, self.encoder, self.objective, sample, rng)
-    rules = partition.default_rules(config.stage, config.peft.type if config.stage in ("tpp", "finetune") else "none",
-                                    fixed_pos_emb=config.model.pos_emb == "sincos",
-                                    train_extra=tuple(config.train_extra))
-    self.labels = partition.label_tree(params, rules)
-    self.target_init = None
-    if config.target_init or config.init.get("adapter"):
-      params, self.target_init = load_target_init(config, params, self.labels, aux)
-      aux = self.target_init.pop("aux", aux)
-    self.counts = partition.param_counts(params, self.labels)
-    self.tx, self.schedule = make_tx(config, self.labels)
+    params, aux = self.built.init_fn(rng)
+    params, aux, self.init_source, self.target_init = load_lib.load_init(config, self.encoder, params, aux,
+                                                                          self.labels)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params), "aux": aux}
-    self.state_sharding = state_shardings(state, self.mesh, bool(config.fsdp))
     self.state = jax.device_put(state, self.state_sharding)
-    self._compile()
-
-  # -- compiled steps ---------------------------------------------------------------------------
-  def _compile(self):
-    obj, tx, schedule = self.objective, self.tx, self.schedule
-    repl = NamedSharding(self.mesh, P())
-    data = NamedSharding(self.mesh, P("data"))
-
-    def train_step(state, batch, base_rng):
-      step = state["step"]
-      rng = jax.random.fold_in(base_rng, step)
-      def loss_fn(params):
-        return obj.loss(params, state["aux"], batch, rng, True)
-      (loss, (mets, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      aux = obj.after_step(params, aux, step)
-      mets = {**mets, "update_norm": optax.tree.norm(updates), "lr": schedule(step)}
-      return {"step": step + 1, "params": params, "opt_state": opt_state, "aux": aux}, mets
-
-    def eval_step(params, aux, batch):
-      return obj.eval_outputs(params, aux, batch)
-
-    self.train_step = jax.jit(train_step, in_shardings=(self.state_sharding, data, repl),
-                              out_shardings=(self.state_sharding, repl), donate_argnums=0)
-    self.eval_step = jax.jit(eval_step, in_shardings=(self.state_sharding["params"], self.state_sharding["aux"], data))
 
   # -- data ---------------------------------------------------------------------------------------
   def train_iterator(self):
@@ -433,7 +488,7 @@ class Trainer:
     return self._keep_best(step, res, store, best)
 
   def _keep_best(self, step, res, store, best):
-    if self.best_metric not in res or not math.isfinite(res[self.best_metric]):
+    if not self.stage.keeps_best or self.best_metric not in res or not math.isfinite(res[self.best_metric]):
       return best
     v = float(res[self.best_metric])
     better = best is None or (v < best["value"] if self.best_mode == "min" else v > best["value"])

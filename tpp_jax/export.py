@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 from tpp_jax import config as config_lib
+from tpp_jax.logging_utils import read_json
 
 FORMATS = ("adapter", "peft", "merged")
 LORA_TYPES = ("lora", "dora")
@@ -166,7 +167,7 @@ def _peft_notes(run, base: pathlib.Path):
   if not cfg_file.is_file():
     print(f"note: {base} has no config.json; PeftModel needs a ViT base model that `from_pretrained` can load.")
     return
-  hf = json.loads(cfg_file.read_text())
+  hf = read_json(cfg_file, require_object=True)
   vit = run.encoder.cfg
   if hf.get("image_size", vit.image_size) != vit.image_size:
     print(f"note: the base model was made for {hf['image_size']} px and this run used {vit.image_size} px; call "
@@ -188,7 +189,7 @@ def export_merged(run, out: pathlib.Path, hf_fmt: str | None, weights: pathlib.P
   if hf_fmt in ("hf_vit", "hf_vit_mae") and weights is not None:
     sd.update(_pooler(weights, run.encoder.cfg.width))
     cfg_file = weights.parent / "config.json"
-    base_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    base_cfg = read_json(cfg_file, require_object=True) if cfg_file.is_file() else {}
   out.mkdir(parents=True, exist_ok=True)
   save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
   (out / "config.json").write_text(json.dumps(hf_export.vit_config_json(run.encoder.cfg, base_cfg), indent=2) + "\n")

@@ -10,6 +10,9 @@ OUT_DIR/eval.json with the held-out MAE numbers:
                      (a flat patch; = (P*P*C - 1) / (P*P*C) with norm_pix_loss)
   pixel_mse          masked-pixel MSE of the reconstruction (normalised image space)
   mean_patch_pixel_mse   masked-pixel MSE of flat true-mean patches
+
+The run is restored from its own folder (config.json + the latest checkpoint, checkpoints.restore.load_run): its
+init.path need not exist any more. Only the run's data (val split, and train for the epoch count) is read.
 """
 from __future__ import annotations
 
@@ -19,15 +22,26 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 
 from tpp_jax import engine, report
+from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
+from tpp_jax.data import transforms as data_transforms
 from tpp_jax.logging_utils import read_jsonl
 from tpp_jax.models.mae import patchify
 from tpp_jax.pipeline import mae_reconstructions
+
+
+class RestoredRun:
+  """What heldout_eval / pipeline.mae_reconstructions read of a trainer, from a restored run and its data."""
+
+  def __init__(self, run: restore_lib.LoadedRun, sources: dict):
+    self.config, self.encoder, self.objective = run.config, run.encoder, run.objective
+    self.sources = sources
+    self.eval_fn = data_transforms.make_transform(run.config.data, train=False)
+    self.state = {"params": run.params, "aux": run.aux, "step": run.step}
 
 
 def heldout_eval(trainer, split: str = "val", batch_size: int = 250) -> dict:
@@ -68,14 +82,12 @@ def heldout_eval(trainer, split: str = "val", batch_size: int = 250) -> dict:
 def export(run_dir, out_dir, name: str) -> dict:
   run_dir, out_dir = pathlib.Path(run_dir).absolute(), pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  cfg = mlc.ConfigDict(store_lib.read_json(run_dir / "config.json"))
+  cfg = restore_lib.read_run_config(run_dir)
   if cfg.stage != "pretrain":
     raise ValueError(f"{run_dir} is a {cfg.stage!r} run; export_backbone takes a `pretrain` run.")
-  trainer = engine.Trainer(cfg, run_dir)
-  store = store_lib.CheckpointStore(run_dir)
-  state, _ = store.restore(trainer.state)
-  store.close()
-  trainer.state = state
+  run = restore_lib.load_run(run_dir, "latest")  # the build step + the run's own checkpoint; no upstream file
+  trainer = RestoredRun(run, engine.build_sources(run.config))
+  cfg, state = run.config, trainer.state
   params = jax.device_get(state["params"])
   weights = out_dir / f"{name}.safetensors"
   store_lib.save_flat(weights, {"encoder": params["encoder"], "decoder": params["decoder"]},

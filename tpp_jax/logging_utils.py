@@ -1,4 +1,4 @@
-"""metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow) and progress bars."""
+"""metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow), progress bars and the JSON file readers."""
 from __future__ import annotations
 
 import json
@@ -69,6 +69,33 @@ def progress(iterable, desc: str, enabled: bool = True, **kw):
   return tqdm(iterable, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, **kw)
 
 
+def read_json(path, require_object: bool = False):
+  """The JSON value in `path` (config.json, summary.json, adapter_config.json, ...).
+
+  Invalid JSON (or, with require_object, anything but a JSON object) raises ConfigError naming the file.
+  """
+  path = pathlib.Path(path)
+  try:
+    out = json.loads(path.read_text())
+  except ValueError as e:
+    from tpp_jax.config import ConfigError
+    raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+  if require_object and not isinstance(out, dict):
+    from tpp_jax.config import ConfigError
+    raise ConfigError(f"{path} does not hold a JSON object.")
+  return out
+
+
 def read_jsonl(path) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """Rows of a .jsonl file (metrics.jsonl); a missing file is [] and a torn line (interrupted run) is skipped."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows

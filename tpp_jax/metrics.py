@@ -18,6 +18,11 @@ import numpy as np
 
 # Columns of a counts array: (intersection, prediction sum, target sum), one row per class.
 COUNT_COLUMNS = ("intersection", "pred_sum", "target_sum")
+# The canonical metric names (summary.json "final", report tables), by task; MAIN_METRIC picks the best checkpoint.
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+SEGMENTATION_METRICS = ("dice", "iou")
+TASK_METRICS = {"classification": CLASSIFICATION_METRICS, "segmentation": SEGMENTATION_METRICS}
+MAIN_METRIC = {"classification": "auc", "segmentation": "dice"}
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -72,7 +77,7 @@ def classification_metrics(labels: Any, probs: Any, weights_valid: Any = None) -
     labels, probs = labels[keep], probs[keep]
   nan = float("nan")
   if labels.size == 0:
-    return {"accuracy": nan, "balanced_accuracy": nan, "macro_f1": nan, "auc": nan}
+    return dict.fromkeys(CLASSIFICATION_METRICS, nan)
   preds = probs.argmax(axis=1)
   present = np.unique(labels)
   recall, f1 = [], []
@@ -99,7 +104,11 @@ def classification_metrics(labels: Any, probs: Any, weights_valid: Any = None) -
 
 
 class ClassificationAccumulator:
-  """Collects labels and probabilities over batches; `compute` gives `classification_metrics`."""
+  """Collects labels and probabilities over batches; `compute` gives `classification_metrics`.
+
+  `update(labels, probs, valid)` adds arrays; `add(out)` adds an objective's eval outputs
+  (`probs`, `label`, `valid`, optional per-example `loss`; then `compute` also gives the mean `loss`).
+  """
 
   def __init__(self):
     self.reset()
@@ -107,21 +116,31 @@ class ClassificationAccumulator:
   def reset(self) -> None:
     self._labels: list[np.ndarray] = []
     self._probs: list[np.ndarray] = []
+    self._losses: list[np.ndarray] = []
 
-  def update(self, labels: Any, probs: Any, valid: Any = None) -> None:
-    """Adds a batch: labels (B,) int, probs (B, K), valid (B,) bool or None (all valid)."""
+  def update(self, labels: Any, probs: Any, valid: Any = None, loss: Any = None) -> None:
+    """Adds a batch: labels (B,) int, probs (B, K), valid (B,) bool or None (all valid), loss (B,) or None."""
     labels = np.asarray(labels).reshape(-1)
     probs = np.asarray(probs)
-    if valid is not None:
-      keep = np.asarray(valid, bool).reshape(-1)
-      labels, probs = labels[keep], probs[keep]
-    self._labels.append(labels)
-    self._probs.append(probs)
+    keep = np.ones(labels.shape, bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+    self._labels.append(labels[keep])
+    self._probs.append(probs[keep])
+    if loss is not None:
+      self._losses.append(np.asarray(loss, np.float64).reshape(-1)[keep])
+
+  def add(self, out: dict) -> None:
+    """Adds the eval outputs of objectives/classification.py (`probs`, `label`, `valid`, `loss`)."""
+    self.update(out["label"], out["probs"], out.get("valid"), out.get("loss"))
 
   def compute(self) -> dict[str, float]:
     if not self._labels:
-      return classification_metrics(np.zeros(0, np.int64), np.zeros((0, 2)))
-    return classification_metrics(np.concatenate(self._labels), np.concatenate(self._probs))
+      res = classification_metrics(np.zeros(0, np.int64), np.zeros((0, 2)))
+    else:
+      res = classification_metrics(np.concatenate(self._labels), np.concatenate(self._probs))
+    if self._losses:
+      losses = np.concatenate(self._losses)
+      res["loss"] = float(losses.mean()) if losses.size else float("nan")
+    return res
 
 
 def seg_counts(pred: Any, target: Any, num_classes: int, valid: Any = None):
@@ -177,6 +196,15 @@ class SegMetrics:
 
   def reset(self) -> None:
     self.counts = np.zeros((self.num_classes, 3), np.int64)
+    self._loss: list[float] | None = None  # [sum of per-image losses, valid images] once `add` got them
+
+  def add(self, out: dict) -> None:
+    """Adds the eval outputs of objectives/segmentation.py: `counts` (from `seg_counts`), optional `loss_sum`
+    and `count` (valid images; then `compute` also gives the mean `loss`)."""
+    self.update_counts(out["counts"])
+    if "loss_sum" in out:
+      total, n = self._loss or [0.0, 0.0]
+      self._loss = [total + float(np.sum(out["loss_sum"])), n + float(np.sum(out["count"]))]
 
   def update(self, pred: Any, target: Any, valid: Any = None) -> None:
     """Adds a batch: pred / target (B, H, W) int, valid (B,) bool or None (all valid)."""
@@ -206,9 +234,12 @@ class SegMetrics:
       x = x[fg][~np.isnan(x[fg])]
       return float(x.mean()) if x.size else float("nan")
 
-    return {
+    res = {
         "dice": fg_mean(dice),
         "iou": fg_mean(iou),
         "dice_per_class": [float(d) for d in dice],
         "iou_per_class": [float(j) for j in iou],
     }
+    if self._loss is not None:
+      res["loss"] = self._loss[0] / max(self._loss[1], 1.0)
+    return res

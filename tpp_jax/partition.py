@@ -17,12 +17,11 @@ import jax
 import numpy as np
 import optax
 
-LABELS = ("frozen", "target", "head", "backbone")
-STAGES_TRAIN = ("pretrain", "tpp", "finetune", "linear", "full")
+from tpp_jax import stages as stages_lib
+from tpp_jax.stages import FIXED_POS_RE, TARGET_RE  # noqa: F401 (re-exported)
 
-# Leaves added by PEFT methods (see models/peft.py).
-TARGET_RE = r"^encoder/(.*/)?(lora_a|lora_b|dora_m|ssf_scale|ssf_shift|prompts)$|^encoder/.*/(adapter_attn|adapter_mlp|adaptformer)/"
-FIXED_POS_RE = r"^(encoder|decoder)/pos_embed$"  # sin-cos position embeddings stay fixed (MAE)
+LABELS = ("frozen", "target", "head", "backbone")
+STAGES_TRAIN = tuple(n for n, s in stages_lib.STAGES.items() if s.trains)  # the built-in ones; see stages.STAGES
 
 Rules = Sequence[tuple[str, str]]
 
@@ -37,24 +36,12 @@ def flat_paths(tree) -> list[str]:
 
 def default_rules(stage: str, peft_type: str = "none", fixed_pos_emb: bool = False,
                   train_extra: Iterable[str] = ()) -> list[tuple[str, str]]:
-  """The partition of a stage (DESIGN.md §1). `train_extra`: regexes of backbone leaves to train too."""
-  if stage not in STAGES_TRAIN:
-    raise ValueError(f"No partition for stage {stage!r}; trainable stages are {STAGES_TRAIN}.")
-  rules: list[tuple[str, str]] = []
-  if fixed_pos_emb:
-    rules.append((FIXED_POS_RE, "frozen"))
-  if stage in ("pretrain", "full"):
-    rules += [(r"^encoder/", "backbone"), (r"^(decoder|head|dino_head)/", "head" if stage == "full" else "backbone")]
-    return rules + [(r".*", "frozen")]
-  heads = r"^(decoder|dino_head|proj_head)/" if stage == "tpp" else r"^head/"
-  rules.append((heads, "head"))
-  if stage != "linear":
-    rules.append((TARGET_RE, "target"))
-    if peft_type == "bitfit":
-      rules.append((r"^encoder/.*/bias$", "target"))
-  rules += [(rx, "target") for rx in train_extra]
-  rules.append((r"^encoder/", "frozen"))
-  return rules
+  """The partition of a stage (stages.STAGES[stage].rules). `train_extra`: regexes of backbone leaves to train too."""
+  entry = stages_lib.STAGES.get(stage)
+  if entry is None or not entry.trains:
+    trainable = [n for n, s in stages_lib.STAGES.items() if s.trains]
+    raise ValueError(f"No partition for stage {stage!r}; trainable stages are {trainable}.")
+  return entry.rules(peft_type, fixed_pos_emb=fixed_pos_emb, train_extra=train_extra)
 
 
 def label_tree(params, rules: Rules):

@@ -17,11 +17,13 @@ import weakref
 import jax
 import numpy as np
 
-from tpp_jax import engine
+from tpp_jax import engine, metrics
+from tpp_jax.logging_utils import read_json
 
 
 def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
-  """The three configs of one seed."""
+  """The configs of one seed, one per arm of stages.STAGES['pipeline'] ({arm name: config})."""
+  from tpp_jax import stages
   def derive(**kw):
     c = copy.deepcopy(config)
     with c.unlocked():
@@ -31,14 +33,20 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
         c[k] = v
     return c
   p = config.pipeline
-  tpp = derive(stage="tpp", steps=int(p.tpp_steps), batch_size=int(p.tpp_batch_size), target_init="",
-               eval_splits=("val",), best_metric="")
-  with tpp.unlocked():
-    tpp.optim.lr = float(p.tpp_lr)
-    tpp.eval_every = 0
-  ft = derive(stage="finetune", target_init=str(workdir / f"seed_{seed}" / "tpp"))
-  base = derive(stage="finetune", target_init="")
-  return {"tpp": tpp, "tpp_finetune": ft, "baseline": base}
+  entry = stages.STAGES.get(config.stage)
+  out = {}
+  for arm in (entry.arms if entry is not None and entry.arms else stages.STAGES["pipeline"].arms):
+    target_init = str(workdir / f"seed_{seed}" / arm.target_from) if arm.target_from else ""
+    if stages.get(arm.stage).objective == "pretext":  # the pretext arm runs on the pipeline's TPP budget
+      c = derive(stage=arm.stage, steps=int(p.tpp_steps), batch_size=int(p.tpp_batch_size), target_init=target_init,
+                 eval_splits=("val",), best_metric="")
+      with c.unlocked():
+        c.optim.lr = float(p.tpp_lr)
+        c.eval_every = 0
+    else:
+      c = derive(stage=arm.stage, target_init=target_init)
+    out[arm.name] = c
+  return out
 
 
 def run(config, workdir) -> dict:
@@ -87,7 +95,7 @@ def finished_summary(cfg, sub: pathlib.Path) -> dict | None:
   if not path.exists():
     return None
   engine.check_workdir(cfg, sub)
-  summary = json.loads(path.read_text())
+  summary = read_json(path)
   return summary if summary.get("steps") == int(cfg.steps) and "final" in summary else None
 
 
@@ -99,7 +107,7 @@ def figure_files(config) -> list[str]:
 
 def comparison_table(summaries: dict, task: str) -> str:
   """A plain-text test-metric table of the arms (mean ± std over seeds)."""
-  keys = ("accuracy", "balanced_accuracy", "macro_f1", "auc") if task == "classification" else ("dice", "iou")
+  keys = metrics.TASK_METRICS[task]
   lines = [f"{'arm':14s} " + " ".join(f"{k:>18s}" for k in keys)]
   for arm in ("baseline", "tpp_finetune"):
     vals = {k: [s["final"].get("test", {}).get(k, np.nan) for (_, a), s in summaries.items() if a == arm]

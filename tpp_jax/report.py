@@ -24,12 +24,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tpp_jax import stats
+from tpp_jax.logging_utils import read_json, read_jsonl
+from tpp_jax.metrics import MAIN_METRIC, TASK_METRICS
 
-TASK_METRICS = {
-    "classification": ("accuracy", "balanced_accuracy", "macro_f1", "auc"),
-    "segmentation": ("dice", "iou"),
-}
-MAIN_METRIC = {"classification": "auc", "segmentation": "dice"}
 PRETEXT_STAGES = ("pretrain", "tpp")
 ARM_ORDER = ("tpp_finetune", "baseline", "tpp")
 FIGURES = (("mae_reconstructions.png", "MAE reconstructions (TPP arm)",
@@ -44,24 +41,6 @@ class NoRunsError(ValueError):
 
 # ----------------------------------------------------------------------------------------------
 # Collecting runs.
-
-
-def _read_json(path: pathlib.Path) -> Any:
-  return json.loads(path.read_text())
-
-
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-  """Rows of metrics.jsonl; a torn last line (interrupted run) is skipped."""
-  if not path.exists():
-    return []
-  rows = []
-  for line in path.read_text().splitlines():
-    if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows
 
 
 def _get(cfg: dict, dotted: str, default=None):
@@ -97,9 +76,9 @@ def _role(arm: str, stage: str, has_target_init: bool) -> str:
 
 
 def _record(run: pathlib.Path) -> dict:
-  summary = _read_json(run / "summary.json")
+  summary = read_json(run / "summary.json")
   cfg_path = run / "config.json"
-  cfg = _read_json(cfg_path) if cfg_path.exists() else (summary.get("config") or {})
+  cfg = read_json(cfg_path) if cfg_path.exists() else (summary.get("config") or {})
   stage = str(summary.get("stage") or _get(cfg, "stage", ""))
   target_init = summary.get("target_init")
   has_ti = bool(target_init) or bool(_get(cfg, "target_init", ""))
@@ -113,7 +92,7 @@ def _record(run: pathlib.Path) -> dict:
       "params": summary.get("params") or {}, "steps": summary.get("steps", _get(cfg, "steps")),
       "init": summary.get("init"), "target_init": target_init,
       "images_per_sec": summary.get("images_per_sec"), "wall_time_s": summary.get("wall_time_s"),
-      "rows": _read_jsonl(run / "metrics.jsonl"),
+      "rows": read_jsonl(run / "metrics.jsonl"),
   }
 
 
@@ -683,7 +662,7 @@ def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
                         "training run, or a pipeline folder with seed_*/tpp_finetune, seed_*/baseline).")
     records += found
   records = collect([r["path"] for r in records])  # dedupe and sort
-  top_cfg = _read_json(wd / "config.json") if (wd / "config.json").exists() else None
+  top_cfg = read_json(wd / "config.json") if (wd / "config.json").exists() else None
   curves = plot_learning_curves(records, wd / "learning_curves.png")
 
   md = [f"# TPP vs plain PEFT: `{wd.resolve().name}`", "",

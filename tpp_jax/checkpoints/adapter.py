@@ -29,6 +29,7 @@ import numpy as np
 from tpp_jax import config as config_lib
 from tpp_jax.checkpoints.hf_export import flatten
 from tpp_jax.checkpoints.store import unflatten
+from tpp_jax.logging_utils import read_json
 
 ConfigError = config_lib.ConfigError
 ADAPTER_FORMAT, ADAPTER_VERSION = "tpp_jax.adapter", 1
@@ -57,20 +58,10 @@ def folder_kind(path) -> str | None:
   cfg = pathlib.Path(path) / CONFIG_FILE
   if not cfg.is_file():
     return None
-  meta = _read_json(cfg)
+  meta = read_json(cfg, require_object=True)
   if meta.get("format") == ADAPTER_FORMAT:
     return "adapter"
   return "peft" if "peft_type" in meta else None
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  try:
-    out = json.loads(path.read_text())
-  except ValueError as e:
-    raise ConfigError(f"{path} is not valid JSON ({e}).") from None
-  if not isinstance(out, dict):
-    raise ConfigError(f"{path} does not hold a JSON object.")
-  return out
 
 
 def backbone_fingerprint(encoder_params: Mapping[str, Any], exclude=()) -> str:
@@ -146,7 +137,7 @@ def hf_weights(init_path: str) -> pathlib.Path | None:
 
 def weight_names(weights: pathlib.Path) -> list[str]:
   if weights.name.endswith(".index.json"):
-    return list(_read_json(weights).get("weight_map", {}))
+    return list(read_json(weights, require_object=True).get("weight_map", {}))
   if weights.suffix == ".safetensors":
     from safetensors import safe_open
     with safe_open(str(weights), "np") as f:
@@ -246,7 +237,7 @@ def _select(flat_file: Mapping[str, np.ndarray], template: Mapping[str, Any], pr
 def read_adapter(folder) -> tuple[dict, dict[str, np.ndarray]]:
   """(adapter_config.json, flat leaves) of a tpp_jax adapter folder."""
   folder = pathlib.Path(folder)
-  meta = _read_json(folder / CONFIG_FILE)
+  meta = read_json(folder / CONFIG_FILE, require_object=True)
   if meta.get("format") != ADAPTER_FORMAT or int(meta.get("format_version", 0)) > ADAPTER_VERSION:
     raise ConfigError(f"{folder} holds a {meta.get('format')!r} v{meta.get('format_version')} adapter; this "
                       f"tpp_jax reads {ADAPTER_FORMAT!r} up to v{ADAPTER_VERSION}.")
@@ -291,7 +282,7 @@ def read_peft(folder, config, target: Mapping[str, Any]) -> tuple[dict, dict]:
   """LoRA / DoRA leaves of a Hugging Face peft folder as our {'encoder': ...} subtree, and its config."""
   folder = pathlib.Path(folder)
   where = f"the peft adapter target_init={str(folder)!r}"
-  meta = _read_json(folder / CONFIG_FILE)
+  meta = read_json(folder / CONFIG_FILE, require_object=True)
   weights = folder / PEFT_WEIGHTS
   if not weights.is_file():
     raise FileNotFoundError(f"{weights} is missing; a peft folder holds adapter_model.safetensors + "

@@ -1,4 +1,7 @@
-"""Backbone (and MAE decoder) weights from config.init into a freshly initialised model.
+"""The load step: a randomly initialised model's params filled from files (the build step reads none).
+
+  load_init(config, encoder, params, aux, labels) -> (params, aux, source, target_info)
+    backbone (and MAE decoder) from config.init, then target params from target_init / init.adapter.
 
 init.path may be:
   a checkpoint file       .pth/.pt/.bin (timm / MAE / DINO names), .safetensors (HF ViT / ViTMAE / Dinov2),
@@ -7,19 +10,22 @@ init.path may be:
                           with an index file; config.json is checked against model.heads / model.ln_eps)
   tpp_jax weights         a flat safetensors file with 'encoder/...' names or a `pretrain` workdir
 
-Only an MAE pretext (stages pretrain / tpp) uses a decoder: a checkpoint's decoder is loaded whole when it fits
-pretext.decoder_* (one ConfigError when it does not), skipped with init.load_decoder=False, and a checkpoint
-without one gives a new decoder from random init (said in one log line). Other stages never read a decoder.
+Only an MAE pretext of a stage whose stages.STAGES entry has loads_decoder (pretrain / tpp) uses a decoder: a
+checkpoint's decoder is loaded whole when it fits pretext.decoder_* (one ConfigError when it does not), skipped with
+init.load_decoder=False, and a checkpoint without one gives a new decoder from random init (said in one log line).
+Other stages never read a decoder.
 """
 from __future__ import annotations
 
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tpp_jax import config as config_lib
+from tpp_jax import stages as stages_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.models.peft import reset_dora_magnitudes
 
@@ -44,7 +50,8 @@ def merge_into(template: dict, loaded: dict, where: str) -> dict:
 
 def wants_decoder(config) -> bool:
   """Whether this run trains an MAE decoder that a checkpoint's decoder may start."""
-  return config.stage in ("pretrain", "tpp") and config.pretext.type == "mae"
+  stage = stages_lib.STAGES.get(config.stage)
+  return stage is not None and stage.loads_decoder and config.pretext.type == "mae"
 
 
 def is_flat_tpp_file(p: pathlib.Path) -> bool:
@@ -175,3 +182,88 @@ def init_decoder(config, extra: dict, dec_loaded: dict | None, source: str) -> t
     print(f"init: {source.split(' ')[0]} checkpoint has no MAE decoder; training a new one from random init",
           flush=True)
   return extra, source
+
+
+def init_from_files(config, encoder, params: dict, aux: dict) -> tuple[dict, dict, str]:
+  """Random (params, aux) -> (with the backbone and MAE decoder of config.init, aux, source)."""
+  enc, dec_loaded, source = init_encoder(config, encoder, params["encoder"])
+  extra, source = init_decoder(config, {k: v for k, v in params.items() if k != "encoder"}, dec_loaded, source)
+  params = {"encoder": enc, **extra}
+  if "teacher" in aux:  # DINO: the teacher starts as a copy of the (loaded) student
+    aux = {**aux, "teacher": jax.tree_util.tree_map(jnp.array, params)}
+  return params, aux, source
+
+
+def load_init(config, encoder, params: dict, aux: dict, labels) -> tuple[dict, dict, str, dict | None]:
+  """The load step: random (params, aux) -> (params, aux, init source, target_init info or None).
+
+  Backbone (+ MAE decoder) from config.init, then the target params (and, for init.adapter, the task head and its
+  statistics) from config.target_init / config.init.adapter.
+  """
+  params, aux, source = init_from_files(config, encoder, params, aux)
+  target = None
+  if config.target_init or config.init.get("adapter"):
+    params, target = load_target_init(config, params, labels, aux)
+    aux = target.pop("aux", aux)
+  return params, aux, source, target
+
+
+def load_target_init(config, params, labels, aux=None) -> tuple[dict, dict]:
+  """Replace the target leaves of `params` by those of config.target_init, or target + task head of init.adapter.
+
+  target_init: the workdir of a `tpp` run, an exported adapter folder (`tpp_jax.export --format adapter`) or a
+  Hugging Face peft LoRA folder. init.adapter: an exported adapter folder of a finetune run (its task head and
+  head statistics too; the latter come back as info['aux']). Returns (params, info).
+  """
+  from tpp_jax import partition
+  from tpp_jax.checkpoints import adapter as adapter_lib
+  adapter = str(config.init.get("adapter", "") or "")
+  field = "init.adapter" if adapter else "target_init"
+  if adapter and config.target_init:
+    raise ConfigError("Both target_init and init.adapter are set; init.adapter already holds the target parameters "
+                      "(and the task head): clear one of them.")
+  stage = stages_lib.STAGES.get(config.stage)
+  if not (stage and stage.target_init):
+    allowed = [n for n, s in stages_lib.STAGES.items() if s.target_init]
+    only = f"stage {allowed[0]!r}" if len(allowed) == 1 else f"stages {allowed}"
+    raise ConfigError(f"{field} is only used by {only} (stage is {config.stage!r}); clear it.")
+  tpp_dir = pathlib.Path(adapter or config.target_init).expanduser()
+  kind = adapter_lib.folder_kind(tpp_dir) if tpp_dir.is_dir() else None
+  if adapter and kind != "adapter":
+    raise FileNotFoundError(f"init.adapter={str(tpp_dir)!r} is not a tpp_jax adapter folder (adapter_config.json + "
+                            "adapter.safetensors from `python -m tpp_jax.export RUN OUT --format adapter`).")
+  if kind is not None:
+    target = partition.subtree(params, labels, "target")
+    if not target:
+      raise ConfigError(f"{field} is set but this model has no target parameters (peft.type='none'?).")
+    info = {"path": str(tpp_dir), "kind": kind}
+    if kind == "peft":
+      loaded, _ = adapter_lib.read_peft(tpp_dir, config, target)
+      return merge_into(params, loaded, "params"), info
+    loaded, flat, meta = adapter_lib.load_adapter_target(config, params, target, tpp_dir, field)
+    info["step"] = int(meta.get("step", 0))
+    if adapter:
+      loaded["head"], info["aux"] = adapter_lib.load_adapter_head(config, params, aux, flat, meta, tpp_dir)
+    return merge_into(params, loaded, "params"), info
+  cfg_file = tpp_dir / "config.json"
+  if not cfg_file.exists():
+    raise FileNotFoundError(f"target_init={str(tpp_dir)!r} has no config.json; it must be the --workdir of a "
+                            "`tpp` run, an exported adapter folder or a peft LoRA folder.")
+  tpp_cfg = store_lib.read_json(cfg_file)
+  if tpp_cfg.get("stage") != "tpp":
+    raise ConfigError(f"target_init points at a {tpp_cfg.get('stage')!r} run; it must be a `tpp` run's workdir.")
+  mine = {k: v for k, v in config.peft.to_dict().items() if k not in ("dropout", "prompt_dropout")}
+  theirs = {k: v for k, v in tpp_cfg["peft"].items() if k not in ("dropout", "prompt_dropout")}
+  if mine != theirs:
+    diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+    raise ConfigError(f"peft config differs from the TPP run in {str(tpp_dir)!r} at {diff}: "
+                      f"{ {k: theirs.get(k) for k in diff} } there vs { {k: mine.get(k) for k in diff} } here.")
+  if str(tpp_cfg.get("init", {}).get("path", "")) != str(config.init.path):
+    raise ConfigError(f"The TPP run used backbone init.path={tpp_cfg['init']['path']!r} but this run uses "
+                      f"{config.init.path!r}; target parameters only make sense on the backbone they were "
+                      "trained with.")
+  target = partition.subtree(params, labels, "target")
+  if not target:
+    raise ConfigError("target_init is set but this model has no target parameters (peft.type='none'?).")
+  loaded, step = store_lib.load_subtree(tpp_dir, target)
+  return merge_into(params, loaded, "params"), {"path": str(tpp_dir), "step": int(step)}

@@ -2,9 +2,10 @@
 
   run = load_run("RUN", checkpoint="best")   # -> LoadedRun(config, encoder, objective, params, aux, step, ...)
 
-The parameter tree is built abstractly (jax.eval_shape over the model/objective init, with a dummy batch
-shaped from the config), so neither the training data, nor the backbone file (`init.path`), nor the TPP run
-(`target_init`) has to exist any more: the checkpoint holds every parameter.
+The parameter tree is built abstractly by the Trainer's own build code (engine.build_model + engine.abstract_state:
+jax.eval_shape over the model/objective init, with a dummy batch shaped from the config), so neither the training
+data, nor the backbone file (`init.path`), nor the TPP run (`target_init`) has to exist any more: the checkpoint
+holds every parameter.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import dataclasses
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
@@ -63,22 +63,9 @@ def _arm_folders(folder: pathlib.Path) -> list[str]:
 
 
 def abstract_state(config, encoder, objective) -> tuple[dict, dict]:
-  """Shapes/dtypes (ShapeDtypeStruct trees) of (params, aux) as engine.init_params builds them; reads no file."""
-  s, c = int(config.model.image_size), int(config.model.channels)
-  batch = {"image": jnp.zeros((2, s, s, c), jnp.float32), "image2": jnp.zeros((2, s, s, c), jnp.float32),
-           "label": jnp.zeros((2,), jnp.int32), "mask": jnp.zeros((2, s, s), jnp.int32),
-           "valid": jnp.ones((2,), bool)}
-
-  def init(rng):
-    r_enc, r_obj = jax.random.split(rng)
-    enc = encoder.init(r_enc, batch["image"])["params"]
-    extra, aux = objective.init(r_obj, enc, batch)
-    params = {"encoder": enc, **extra}
-    if "teacher" in aux:  # DINO: the teacher mirrors the student's tree
-      aux = {**aux, "teacher": params}
-    return params, aux
-
-  return jax.eval_shape(init, jax.random.key(0))
+  """Shapes/dtypes (ShapeDtypeStruct trees) of (params, aux): the engine's build code (engine.abstract_state)."""
+  from tpp_jax import engine
+  return engine.abstract_state(config, encoder, objective)
 
 
 def _restore(folder: pathlib.Path, abstract: dict) -> tuple[dict, int] | None:
@@ -108,14 +95,12 @@ def _restore(folder: pathlib.Path, abstract: dict) -> tuple[dict, int] | None:
 def load_run(run_dir, checkpoint: str = "best") -> LoadedRun:
   """Model, objective and restored params/aux of a finished run; 'best' falls back to 'latest' if none."""
   from tpp_jax import engine
-  from tpp_jax.objectives import make_objective
   if checkpoint not in CHECKPOINTS:
     raise config_lib.ConfigError(f"checkpoint={checkpoint!r} must be one of {list(CHECKPOINTS)}.")
   run_dir = pathlib.Path(run_dir).expanduser().absolute()
   config = config_lib.validate(read_run_config(run_dir))
-  encoder = engine.build_encoder(config)
-  objective = make_objective(config, encoder)
-  params, aux = abstract_state(config, encoder, objective)
+  encoder, objective = engine.build_model(config)  # the Trainer's build code; no weight file is read
+  params, aux = engine.abstract_state(config, encoder, objective)
   abstract = {"params": params, "aux": aux}
   order = ["best", "latest"] if checkpoint == "best" else ["latest"]
   for which in order:

@@ -1,5 +1,5 @@
 """Input data: sources, numpy transforms and grain pipelines."""
-from tpp_jax.data.config import DataConfig, default_config, resolve
+from tpp_jax.data.config import DataConfig, resolve
 from tpp_jax.data.pipeline import (balanced_probabilities, build_sources,
                                    class_weights, eval_batches,
                                    num_eval_batches, train_iter)

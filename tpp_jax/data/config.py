@@ -1,66 +1,55 @@
-"""The ``data`` config block: defaults, lookup and validation.
+"""The ``data`` config block as a typed, validated view.
 
-Fields (all optional except ``path`` / ``tfds_name``; missing or None fields
-take the defaults below):
-
-* ``source`` ('npz'): one of 'npz', 'seg_folder', 'class_folder', 'tfds',
-  'jpeg_npz' (see ``tpp_jax.data.sources``).
-* ``path`` (''): the .npz file or data folder (not used by 'tfds').
-* ``image_size`` (224): side S of the square model input.
-* ``channels`` (3): 1 (grey) or 3 (RGB) model input channels.
-* ``mean`` / ``std`` (0.5 per channel): normalisation ``(x/255 - mean)/std``;
-  a scalar, a 1-list (broadcast) or one value per channel.
-* ``augment``: ``crop_scale`` ((lo, hi) area fractions for random-resized-crop,
-  or None = plain resize), ``crop_ratio`` ((3/4, 4/3)), ``hflip`` (False),
-  ``vflip`` (False), ``rotate`` (0.0, max degrees), ``intensity`` (0.0,
-  brightness/contrast jitter strength).
-* ``balance`` (False): class-balanced sampling of the training split.
-* ``tfds_name`` (''), ``tfds_data_dir`` (None), ``tfds_image_key``
-  ('image'), ``tfds_label_key`` ('label'), ``tfds_mask_key`` ('mask'),
-  ``tfds_splits`` (None = the dataset's splits, 'validation' -> 'val'; or a
-  dict like {'train': 'train[:90%]', 'val': 'train[90%:]'}).
-* ``val_count`` (1000): 'jpeg_npz' validation images (the last ones).
-* ``prefetch`` (2): batches prefetched by the training iterator.
-* ``cache`` ('auto'): keep each split's decoded uint8 images in memory
-  ('on' | 'off' | 'auto' = on when the decoded split fits ``CACHE_BUDGET``,
-  2 GiB, and the run reads the whole split, i.e. no ``max_*_examples``); see
-  ``tpp_jax.data.sources.ImageStore``.
+The fields and their defaults are those of ``tpp_jax.config.base_config().data``
+(the one schema, documented there); a partial block (a plain dict in tests, an
+older run's config.json) takes the fields it lacks from there. ``resolve``
+only checks values and converts them to the ``DataConfig`` types.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+import functools
+from typing import Any, Mapping
 
 SOURCES = ('npz', 'seg_folder', 'class_folder', 'tfds', 'jpeg_npz')
 CACHE_MODES = ('auto', 'on', 'off')
 CACHE_BUDGET = 2 << 30  # bytes of decoded images per split that 'auto' caches
-
-AUGMENT_DEFAULTS = dict(crop_scale=None, crop_ratio=(3 / 4, 4 / 3),
-                        hflip=False, vflip=False, rotate=0.0, intensity=0.0)
-DEFAULTS = dict(source='npz', path='', image_size=224, channels=3, mean=None,
-                std=None, augment=AUGMENT_DEFAULTS, balance=False,
-                tfds_name='', tfds_data_dir=None, tfds_image_key='image',
-                tfds_label_key='label', tfds_mask_key='mask',
-                tfds_splits=None, val_count=1000, prefetch=2, cache='auto')
+_MISSING = object()
 
 
-def lookup(cfg: Any, name: str, default: Any = None) -> Any:
-  """``cfg.a.b`` of a ConfigDict / dict / object; None or missing -> default."""
+def lookup(cfg: Any, name: str, default: Any = None,
+           keep_none: bool = False) -> Any:
+  """``cfg.a.b`` of a ConfigDict / dict / object; missing (or None) -> default.
+
+  With ``keep_none`` an explicit None is returned as None (only a missing
+  field takes the default).
+  """
   node = cfg
   for key in name.split('.'):
-    if node is None:
+    if node is None or node is _MISSING:
       return default
     if isinstance(node, Mapping):
-      node = node.get(key)
+      node = node.get(key, _MISSING)
     elif callable(getattr(node, 'get', None)):  # ConfigDict
-      node = node.get(key, None)
+      node = node.get(key, _MISSING)
     else:
-      node = getattr(node, key, None)
-  return default if node is None else node
+      node = getattr(node, key, _MISSING)
+  if node is _MISSING or (node is None and not keep_none):
+    return default
+  return node
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults():
+  """``base_config().data`` (imported lazily: data workers need no jax)."""
+  from tpp_jax import config  # pylint: disable=g-import-not-at-top
+  return config.base_config().data.to_dict()
 
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
+  """Resolved ``data.augment``; the class defaults are NO augmentation
+  (``RecordTransform``'s eval path), not the config defaults."""
   crop_scale: tuple[float, float] | None = None
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
   hflip: bool = False
@@ -71,29 +60,29 @@ class Augment:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Resolved and validated ``data`` config."""
-  source: str = 'npz'
-  path: str = ''
-  image_size: int = 224
-  channels: int = 3
-  mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-  std: tuple[float, ...] = (0.5, 0.5, 0.5)
-  augment: Augment = Augment()
-  balance: bool = False
-  tfds_name: str = ''
-  tfds_data_dir: str | None = None
-  tfds_image_key: str = 'image'
-  tfds_label_key: str = 'label'
-  tfds_mask_key: str = 'mask'
-  tfds_splits: Mapping[str, str] | None = None
-  val_count: int = 1000
-  prefetch: int = 2
-  cache: str = 'auto'
+  """Resolved and validated ``data`` config (defaults: base_config)."""
+  source: str
+  path: str
+  image_size: int
+  channels: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  augment: Augment
+  balance: bool
+  tfds_name: str
+  tfds_data_dir: str | None
+  tfds_image_key: str
+  tfds_label_key: str
+  tfds_mask_key: str
+  tfds_splits: Mapping[str, str] | None
+  val_count: int
+  max_train_examples: int
+  max_eval_examples: int
+  prefetch: int
+  cache: str
 
 
 def _per_channel(value: Any, channels: int, field: str) -> tuple[float, ...]:
-  if value is None:
-    return (0.5,) * channels
   if isinstance(value, (int, float)):
     values = [float(value)]
   else:
@@ -125,12 +114,34 @@ def check_cache(value: Any) -> str:
   return text
 
 
+def parse_splits(value: Any) -> dict[str, str] | None:
+  """``data.tfds_splits``: '' / None -> None (the dataset's splits), a dict,
+  or 'train=train[:90%],val=train[90%:]' -> {'train': ..., 'val': ...}."""
+  if not value:
+    return None
+  if hasattr(value, 'items'):
+    return {str(k): str(v) for k, v in value.items()}
+  out = {}
+  for part in str(value).split(','):
+    name, sep, spec = part.partition('=')
+    if not sep or not name.strip() or not spec.strip():
+      raise ValueError(
+          f'data.tfds_splits={value!r}: give comma-separated name=tfds_split '
+          "pairs, e.g. 'train=train[:90%],val=train[90%:]', or '' for the "
+          "dataset's own splits.")
+    out[name.strip()] = spec.strip()
+  return out
+
+
 def resolve(data_cfg: Any) -> DataConfig:
-  """Fills defaults into ``data_cfg`` (ConfigDict / dict / None); validates."""
+  """``data_cfg`` (ConfigDict / dict / None) -> a validated ``DataConfig``;
+  missing fields take ``base_config().data``'s values."""
   if isinstance(data_cfg, DataConfig):
     return data_cfg
-  def get(name):
-    return lookup(data_cfg, name, lookup(DEFAULTS, name))
+  defaults = _defaults()
+
+  def get(name, keep_none=False):
+    return lookup(data_cfg, name, lookup(defaults, name), keep_none)
 
   source = str(get('source'))
   if source not in SOURCES:
@@ -151,7 +162,7 @@ def resolve(data_cfg: Any) -> DataConfig:
   std = _per_channel(get('std'), channels, 'std')
   if min(std) <= 0:
     raise ValueError(f'data.std={list(std)} must be positive.')
-  crop_scale = get('augment.crop_scale')
+  crop_scale = get('augment.crop_scale', keep_none=True)  # None: plain resize
   if crop_scale is not None:
     crop_scale = _pair(crop_scale, 'data.augment.crop_scale')
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -171,9 +182,10 @@ def resolve(data_cfg: Any) -> DataConfig:
                     hflip=bool(get('augment.hflip')),
                     vflip=bool(get('augment.vflip')),
                     rotate=rotate, intensity=intensity)
-  splits = get('tfds_splits')
-  if splits is not None:
-    splits = dict(splits.items() if hasattr(splits, 'items') else splits)
+  prefetch = int(get('prefetch'))
+  if prefetch < 0:
+    raise ValueError(f'data.prefetch={prefetch} must be >= 0 (batches read '
+                     'ahead by the training iterator; 0 = none).')
   data_dir = get('tfds_data_dir')
   return DataConfig(
       source=source, path=str(get('path') or ''), image_size=size,
@@ -183,28 +195,8 @@ def resolve(data_cfg: Any) -> DataConfig:
       tfds_image_key=str(get('tfds_image_key')),
       tfds_label_key=str(get('tfds_label_key')),
       tfds_mask_key=str(get('tfds_mask_key')),
-      tfds_splits=splits, val_count=int(get('val_count')),
-      prefetch=max(1, int(get('prefetch'))),
-      cache=check_cache(get('cache')))
-
-
-def default_config(**overrides: Any):
-  """A ``ml_collections.ConfigDict`` with every data field and its default.
-
-  Fields whose default is None are ``FieldReference``s so that they can be set
-  from the command line (``--config.data.augment.crop_scale=(0.5,1.0)``).
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  fr = ml_collections.FieldReference
-  cfg = ml_collections.ConfigDict(dict(
-      source='npz', path='', image_size=224, channels=3,
-      mean=fr(None, field_type=Sequence), std=fr(None, field_type=Sequence),
-      augment=dict(crop_scale=fr(None, field_type=tuple),
-                   crop_ratio=(3 / 4, 4 / 3), hflip=False, vflip=False,
-                   rotate=0.0, intensity=0.0),
-      balance=False, tfds_name='', tfds_data_dir=fr(None, field_type=str),
-      tfds_image_key='image', tfds_label_key='label', tfds_mask_key='mask',
-      tfds_splits=fr(None, field_type=dict), val_count=1000, prefetch=2,
-      cache='auto'))
-  cfg.update(overrides)
-  return cfg
+      tfds_splits=parse_splits(get('tfds_splits')),
+      val_count=int(get('val_count')),
+      max_train_examples=int(get('max_train_examples')),
+      max_eval_examples=int(get('max_eval_examples')),
+      prefetch=prefetch, cache=check_cache(get('cache')))

@@ -1,20 +1,8 @@
 """grain pipelines: sharded shuffled training iterator, padded eval batches.
 
 ``build_sources(data_cfg)`` turns the ``data`` config block into one source per
-split; the fields (all optional but ``path`` / ``tfds_name``; missing ones
-fall back to defaults) are documented in ``tpp_jax.data.config``:
-
-  source        'npz' | 'seg_folder' | 'class_folder' | 'tfds' | 'jpeg_npz'
-  path          .npz file or data folder
-  image_size    S (224); channels 1 | 3 (3); mean, std per channel (0.5)
-  augment       crop_scale (lo, hi) | None, crop_ratio, hflip, vflip,
-                rotate (degrees), intensity
-  balance       class-balanced training sampling (False)
-  tfds_name, tfds_data_dir, tfds_{image,label,mask}_key, tfds_splits
-  val_count     'jpeg_npz' validation images (1000)
-  prefetch      batches prefetched by the training iterator (2)
-  cache         decoded images in memory: 'auto' | 'on' | 'off' ('auto'; see
-                ``sources.ImageStore``)
+split; its fields and defaults are ``tpp_jax.config.base_config().data``
+(resolved by ``tpp_jax.data.config.resolve``).
 
 Batches are dicts of numpy arrays: ``image`` float32 (B, S, S, C) and
 ``label`` int32 (B,) or ``mask`` int32 (B, S, S); eval batches add ``valid``
@@ -255,8 +243,8 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
 
   def cache(split: str) -> str:
     """'auto' is 'off' for a split the run cuts to data.max_*_examples."""
-    limit = config_lib.lookup(data_cfg, 'max_train_examples' if split == 'train'
-                              else 'max_eval_examples', 0)
+    limit = (cfg.max_train_examples if split == 'train'
+             else cfg.max_eval_examples)
     return 'off' if cfg.cache == 'auto' and limit else cfg.cache
 
   if kind == 'npz':

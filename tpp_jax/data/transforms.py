@@ -296,3 +296,58 @@ def make_transform(data_cfg: Any, train: bool) -> RecordTransform:
   return RecordTransform(image_size=cfg.image_size, channels=cfg.channels,
                          mean=cfg.mean, std=cfg.std, train=bool(train),
                          augment=cfg.augment)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiView:
+  """Picklable ``fn(record, rng) -> record`` with several augmented views of one image.
+
+  ``image`` and ``image2`` are two draws of ``base`` (the training transform: the global views);
+  with ``local`` set, ``local`` is an (L, s, s, C) stack of L draws of that (smaller) transform,
+  from the image alone (masks and labels are not cropped for them). Views are drawn in that order.
+  """
+  base: Any
+  views: int = 2
+  local: Any = None
+  local_crops: int = 0
+
+  def __call__(self, record: Record,
+               rng: np.random.Generator | None = None) -> Record:
+    out = self.base(record, rng)
+    if self.views >= 2:
+      out['image2'] = self.base(record, rng)['image']
+    if self.local is not None and self.local_crops > 0:
+      image_only = {'image': record['image']}
+      out['local'] = np.stack([self.local(image_only, rng)['image']
+                               for _ in range(self.local_crops)])
+    return out
+
+
+def make_views(train_fn: Any, data_cfg: Any, views: int = 1,
+               local_crops: int = 0, local_crop_size: int | None = None,
+               local_crop_scale: tuple[float, float] = (0.05, 0.4)) -> Any:
+  """The training transform with the views an objective needs.
+
+  Args:
+    train_fn: the per-view training transform (``make_transform(data_cfg, True)``).
+    data_cfg: the ``data`` block (channels, mean, std, augment of the local crops).
+    views: 1 -> ``train_fn`` itself; 2 -> adds ``image2`` (a second draw).
+    local_crops: DINO multi-crop: number of extra local views (key ``local``).
+    local_crop_size: their side in pixels.
+    local_crop_scale: their random-resized-crop area fractions.
+  """
+  if views <= 1 and local_crops <= 0:
+    return train_fn
+  local = None
+  if local_crops > 0:
+    if not local_crop_size or local_crop_size <= 0:
+      raise ValueError(f'pretext.local_crop_size={local_crop_size} must be '
+                       'positive when pretext.local_crops > 0.')
+    cfg = config_lib.resolve(data_cfg)
+    aug = dataclasses.replace(
+        cfg.augment, crop_scale=tuple(float(s) for s in local_crop_scale))
+    local = RecordTransform(image_size=int(local_crop_size),
+                            channels=cfg.channels, mean=cfg.mean, std=cfg.std,
+                            train=True, augment=aug)
+  return MultiView(base=train_fn, views=max(int(views), 1), local=local,
+                   local_crops=int(local_crops))

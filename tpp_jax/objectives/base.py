@@ -9,7 +9,9 @@ eval step returns, and how those outputs become dataset-level metrics on the hos
   after_step(params, aux, step) -> aux        (e.g. EMA teacher update)
   eval_outputs(params, aux, batch) -> dict of arrays (jit-compiled; batch['valid'] marks real rows)
   accumulator() -> object with .add(outputs: dict of np arrays) and .compute() -> dict of floats
-  views: number of augmented views of each training image the loss needs (2 for DINO)
+  views: number of augmented views of each training image the loss needs (2 for DINO / contrastive)
+  make_views(train_fn, data_cfg) -> the training transform with those views ('image2', DINO's 'local');
+      the engine builds its training transform with it
   default_metric: metric used for best-checkpoint selection (higher is better unless in LOWER_IS_BETTER)
 """
 from __future__ import annotations
@@ -38,6 +40,11 @@ class Objective:
 
   def after_step(self, params, aux, step):
     return aux
+
+  def make_views(self, train_fn, data_cfg):
+    """The training transform giving the views this objective's loss reads."""
+    from tpp_jax.data import transforms
+    return transforms.make_views(train_fn, data_cfg, views=self.views)
 
   def eval_outputs(self, params, aux, batch):
     raise NotImplementedError

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from tpp_jax import metrics
@@ -13,7 +12,7 @@ from tpp_jax.objectives.base import Objective
 
 class ClassificationObjective(Objective):
   needs_labels = True
-  default_metric = "auc"
+  default_metric = metrics.MAIN_METRIC["classification"]
 
   def __init__(self, config, encoder):
     super().__init__(config, encoder)
@@ -55,21 +54,4 @@ class ClassificationObjective(Objective):
             "loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])}
 
   def accumulator(self):
-    return _ClassificationAcc()
-
-
-class _ClassificationAcc:
-  def __init__(self):
-    self.probs, self.labels, self.losses = [], [], []
-
-  def add(self, out):
-    valid = np.asarray(out["valid"]).astype(bool)
-    self.probs.append(np.asarray(out["probs"])[valid])
-    self.labels.append(np.asarray(out["label"])[valid])
-    self.losses.append(np.asarray(out["loss"])[valid])
-
-  def compute(self):
-    probs, labels = np.concatenate(self.probs), np.concatenate(self.labels)
-    res = metrics.classification_metrics(labels, probs)
-    res["loss"] = float(np.concatenate(self.losses).mean())
-    return res
+    return metrics.ClassificationAccumulator()

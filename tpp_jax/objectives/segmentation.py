@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from tpp_jax import metrics
@@ -23,7 +22,7 @@ def soft_dice_loss(logits, target, num_classes, eps=1.0):
 
 class SegmentationObjective(Objective):
   needs_labels = True
-  default_metric = "dice"
+  default_metric = metrics.MAIN_METRIC["segmentation"]
 
   def __init__(self, config, encoder):
     super().__init__(config, encoder)
@@ -61,20 +60,4 @@ class SegmentationObjective(Objective):
             "loss_sum": (ce * valid).sum(), "count": valid.sum()}
 
   def accumulator(self):
-    return _SegAcc(self.num_classes)
-
-
-class _SegAcc:
-  def __init__(self, num_classes):
-    self.seg = metrics.SegMetrics(num_classes)
-    self.loss, self.count = 0.0, 0.0
-
-  def add(self, out):
-    self.seg.update_counts(np.asarray(out["counts"]))
-    self.loss += float(out["loss_sum"])
-    self.count += float(out["count"])
-
-  def compute(self):
-    res = self.seg.compute()
-    res["loss"] = self.loss / max(self.count, 1.0)
-    return res
+    return metrics.SegMetrics(self.num_classes)
