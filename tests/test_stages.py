@@ -15,7 +15,8 @@ from tpp_jax.checkpoints import store
 from tpp_jax.objectives import make_objective
 
 TRAINING = [n for n, s in stages.STAGES.items() if s.trains]
-OBJECTIVE_PARAMS = {"mae": "decoder", "dino": "dino_head", "classification": "head", "segmentation": "head"}
+OBJECTIVE_PARAMS = {"mae": "decoder", "dino": "dino_head", "contrastive": "proj_head", "classification": "head",
+                    "segmentation": "head"}
 
 
 def _config(stage, arg=""):
@@ -50,7 +51,7 @@ def test_table_lists_every_stage_once():
 
 
 @pytest.mark.parametrize("stage", TRAINING)
-@pytest.mark.parametrize("pretext", ["mae", "dino"])
+@pytest.mark.parametrize("pretext", ["mae", "dino", "contrastive"])
 def test_every_training_stage_builds_what_the_table_says(stage, pretext):
   """engine.build (abstract; nothing read or compiled): objective, PEFT leaves, labels, decoder loading."""
   entry = stages.STAGES[stage]

@@ -80,7 +80,8 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("pretrain", "stage 0: the whole backbone and the pretext head (MAE / DINO) from scratch or init.path",
-          objective="pretext", encoder="backbone", heads=r"^(decoder|head|dino_head)/", heads_label="backbone",
+          objective="pretext", encoder="backbone", heads=r"^(decoder|head|dino_head|proj_head)/",
+          heads_label="backbone",
           rest="frozen", loads_decoder=True, writes="a backbone checkpoint (export_backbone)"),
     Stage("tpp", "target parameter pre-training: PEFT params + pretext head on a frozen backbone",
           peft=True, objective="pretext", heads=PRETEXT_HEADS, loads_decoder=True,
