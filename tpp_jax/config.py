@@ -14,10 +14,11 @@ from typing import Any, Callable, Mapping
 
 import ml_collections as mlc
 
+from tpp_jax import stages as stages_lib
 from tpp_jax.data.config import SOURCES
 from tpp_jax.models.peft import PEFT_TYPES
 
-STAGES = ("pretrain", "tpp", "finetune", "linear", "full", "eval", "pipeline")
+STAGES = tuple(stages_lib.STAGES)
 PRETEXTS = ("mae", "dino", "contrastive")
 TASKS = ("classification", "segmentation")
 INIT_FORMATS = ("auto", "timm", "hf_vit", "hf_vit_mae", "hf_dinov2", "big_vision", "tpp", "none")

@@ -1,4 +1,4 @@
-"""The one training engine for every stage (DESIGN.md §1).
+"""The one training engine for every stage.
 
 init -> partition -> optimizer -> sharded jit step -> eval over whole splits -> checkpoint -> log.
 Stages differ only by their entry in stages.STAGES: the partition rules, the objective and what is loaded at init
@@ -31,7 +31,7 @@ from tpp_jax import partition
 from tpp_jax import stages as stages_lib
 from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
-from tpp_jax.checkpoints.load import load_backbone, load_target_init, merge_into as _merge_into  # noqa: F401
+from tpp_jax.logging_utils import read_json
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
 from tpp_jax.models.peft import PeftConfig
@@ -254,11 +254,11 @@ def build_sources(config) -> dict:
   if "train" not in sources:
     raise ConfigError(f"data source {config.data.source!r} at {config.data.path!r} has no 'train' split.")
   if config.data.max_train_examples:
-    sources["train"] = _Subset(sources["train"], int(config.data.max_train_examples))
+    sources["train"] = data_pipeline.random_subset(sources["train"], int(config.data.max_train_examples))
   if config.data.max_eval_examples:
     for s in list(sources):
       if s != "train":
-        sources[s] = _Subset(sources[s], int(config.data.max_eval_examples))
+        sources[s] = data_pipeline.random_subset(sources[s], int(config.data.max_eval_examples))
   return sources
 
 
@@ -268,8 +268,7 @@ def build_data(config, objective) -> tuple[dict, Any, Any]:
   if objective.needs_labels and config.data.source == "jpeg_npz":
     raise ConfigError("data.source='jpeg_npz' has no labels; use it for stage 'pretrain' or 'tpp'.")
   train_fn = data_transforms.make_transform(config.data, train=True)
-  if objective.views == 2:
-    train_fn = _two_views(train_fn)
+  train_fn = objective.make_views(train_fn, config.data)
   eval_fn = data_transforms.make_transform(config.data, train=False)
   if config.task.class_weights and hasattr(objective, "class_weights"):
     objective.class_weights = np.asarray(data_pipeline.class_weights(sources["train"]), np.float32)
@@ -280,42 +279,13 @@ def build_data(config, objective) -> tuple[dict, Any, Any]:
 # The run
 # ------------------------------------------------------------------------------------------------
 
-class _Subset:
-  """A fixed random subset (seed 0, same for every run) of a source: quick runs keep class balance."""
-
-  def __init__(self, source, n):
-    self.source, self.n = source, min(n, len(source))
-    self.index = np.sort(np.random.default_rng(0).permutation(len(source))[:self.n])
-    for a in ("num_classes", "class_names", "task"):
-      if hasattr(source, a):
-        setattr(self, a, getattr(source, a))
-    if getattr(source, "labels", None) is not None:
-      self.labels = np.asarray(source.labels)[self.index]
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    if not 0 <= i < self.n:
-      raise IndexError(i)
-    return self.source[int(self.index[i])]
-
-
-def _two_views(fn):
-  def apply(record, rng):
-    a = fn(record, rng)
-    b = fn(record, rng)
-    return {**a, "image2": b["image"]}
-  return apply
-
-
 def check_workdir(config, workdir: pathlib.Path):
   """Refuse to mix a different config into a workdir that holds a run (nothing saved is overwritten)."""
   cfg_file = workdir / "config.json"
   if not cfg_file.exists():
     return
   # a run saved before a config field existed ran with that field's default
-  old = _with_defaults(store_lib.read_json(cfg_file), json.loads(config_lib.to_json(config_lib.base_config())))
+  old = _with_defaults(read_json(cfg_file), json.loads(config_lib.to_json(config_lib.base_config())))
   new = json.loads(config_lib.to_json(config))
   diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
   if diff:
@@ -367,7 +337,7 @@ class Trainer:
     c = self.config
     return data_pipeline.train_iter(self.sources["train"], self.train_fn, self.local_batch, int(c.seed),
                                     shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                    balance=bool(c.data.balance),
+                                    balance=bool(c.data.balance), prefetch=int(c.data.prefetch),
                                     num_workers=data_pipeline.resolve_workers(c.data.get("workers", "0")))
 
   def evaluate(self, split: str, params=None, aux=None) -> dict:

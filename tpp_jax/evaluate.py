@@ -15,7 +15,7 @@ import pathlib
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpp_jax import engine
+from tpp_jax import engine, stages
 from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
@@ -23,11 +23,11 @@ from tpp_jax.data import transforms as data_transforms
 
 def eval_sources(config, splits) -> dict:
   """The run's eval splits (with its data.max_eval_examples subset, as in training); no train split needed."""
-  num_classes = int(config.task.num_classes) if config.stage not in ("pretrain", "tpp") else None
+  num_classes = int(config.task.num_classes) if stages.get(config.stage).needs_labels else None
   sources = data_pipeline.build_sources(config.data, num_classes=num_classes)
   out = {s: sources[s] for s in splits if s in sources}
   if config.data.get("max_eval_examples", 0):
-    out = {s: engine._Subset(src, int(config.data.max_eval_examples)) for s, src in out.items()}
+    out = {s: data_pipeline.random_subset(src, int(config.data.max_eval_examples)) for s, src in out.items()}
   return out
 
 

@@ -90,11 +90,8 @@ def check_out(out: pathlib.Path):
 # ------------------------------------------------------------------------------------------------
 
 def _labels(config, params):
-  from tpp_jax import partition
-  peft_type = config.peft.type if config.stage in ("tpp", "finetune") else "none"
-  rules = partition.default_rules(config.stage, peft_type, fixed_pos_emb=config.model.pos_emb == "sincos",
-                                  train_extra=tuple(config.train_extra))
-  return partition.label_tree(params, rules)
+  from tpp_jax import partition, stages
+  return partition.label_tree(params, stages.rules_for(config))
 
 
 def _head_leaves(run) -> tuple[dict, dict]:

@@ -11,7 +11,7 @@ The top level of the parameter tree is {'encoder': ViT, 'decoder' | 'dino_head' 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import numpy as np

@@ -17,7 +17,7 @@ import weakref
 import jax
 import numpy as np
 
-from tpp_jax import engine, metrics
+from tpp_jax import engine, metrics, stages
 from tpp_jax.logging_utils import read_json
 
 
@@ -134,7 +134,7 @@ def figure_kinds(trainer) -> list[str]:
   """The report figures a trainer's stage makes: MAE reconstructions (pretrain / tpp with MAE), segmentation
   overlays (the task stages of a segmentation config)."""
   c = trainer.config
-  if c.stage in ("pretrain", "tpp"):
+  if stages.get(c.stage).objective == "pretext":
     return ["mae_reconstructions"] if c.pretext.type == "mae" else []
   return ["segmentation_overlays"] if c.task.type == "segmentation" else []
 

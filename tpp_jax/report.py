@@ -17,7 +17,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg

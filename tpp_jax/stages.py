@@ -1,4 +1,4 @@
-"""What each `config.stage` means, declared once (DESIGN.md §1). Adding a stage = one entry in STAGES.
+"""What each `config.stage` means, declared once. Adding a stage = one entry in STAGES.
 
 The engine (model, partition, objective, init loading, best checkpoint), objectives.make_objective,
 partition.default_rules, checkpoints.load.wants_decoder and pipeline.arm_configs read this table.

@@ -174,7 +174,7 @@ def hf_folder(init_path: str) -> pathlib.Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading (engine.load_target_init)
+# Loading (checkpoints/load.load_target_init)
 # ------------------------------------------------------------------------------------------------
 
 def _peft_fields(peft: Mapping[str, Any]) -> dict:

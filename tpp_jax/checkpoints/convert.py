@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tpp_jax.checkpoints import store
 from tpp_jax.models.vit import VARIANTS, ViTConfig
 
 FORMATS = ("timm", "hf_vit", "hf_vit_mae", "hf_dinov2", "big_vision")
@@ -452,24 +453,12 @@ def _flat_shapes(tree, prefix=""):
 
 
 def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+  return store.flatten(tree, prefix)
 
 
 def _nest(flat: dict) -> dict:
-  out: dict = {}
-  for path, (v, _) in sorted(flat.items()):
-    *parents, leaf = path.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = np.ascontiguousarray(v, dtype=np.float32)
-  return out
+  """{path: (array, checkpoint name)} -> nested float32 tree."""
+  return store.unflatten({k: np.ascontiguousarray(v, dtype=np.float32) for k, (v, _) in flat.items()})
 
 
 def load_pretrained(path: str | pathlib.Path, vit_cfg: ViTConfig, fmt: str = "auto",

@@ -17,7 +17,6 @@ Other stages never read a decoder.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -27,6 +26,7 @@ import numpy as np
 from tpp_jax import config as config_lib
 from tpp_jax import stages as stages_lib
 from tpp_jax.checkpoints import store as store_lib
+from tpp_jax.logging_utils import read_json
 from tpp_jax.models.peft import reset_dora_magnitudes
 
 ConfigError = config_lib.ConfigError
@@ -74,7 +74,7 @@ def _read_state_dict(p: pathlib.Path) -> dict:
   if not p.name.endswith(".index.json"):
     return convert.load_state_dict(p)
   sd = {}  # sharded HF weights: {"weight_map": {name: shard file}}
-  for shard in sorted(set(json.loads(p.read_text())["weight_map"].values())):
+  for shard in sorted(set(read_json(p, require_object=True)["weight_map"].values())):
     sd.update(convert.load_state_dict(p.parent / shard))
   return sd
 
@@ -83,7 +83,7 @@ def check_hf_config(config, weights: pathlib.Path, use_decoder: bool):
   """Fields the weights do not store (heads, LayerNorm eps) against the config.json beside them."""
   cfg_file = weights.parent / "config.json"
   try:
-    hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    hf = read_json(cfg_file) if cfg_file.is_file() else {}
   except ValueError:
     return
   if not isinstance(hf, dict) or "num_attention_heads" not in hf:
@@ -249,7 +249,7 @@ def load_target_init(config, params, labels, aux=None) -> tuple[dict, dict]:
   if not cfg_file.exists():
     raise FileNotFoundError(f"target_init={str(tpp_dir)!r} has no config.json; it must be the --workdir of a "
                             "`tpp` run, an exported adapter folder or a peft LoRA folder.")
-  tpp_cfg = store_lib.read_json(cfg_file)
+  tpp_cfg = read_json(cfg_file)
   if tpp_cfg.get("stage") != "tpp":
     raise ConfigError(f"target_init points at a {tpp_cfg.get('stage')!r} run; it must be a `tpp` run's workdir.")
   mine = {k: v for k, v in config.peft.to_dict().items() if k not in ("dropout", "prompt_dropout")}

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from tpp_jax import config as config_lib
 from tpp_jax.checkpoints import store as store_lib
+from tpp_jax.logging_utils import read_json
 from tpp_jax.models.vit import ViT
 
 CHECKPOINTS = ("best", "latest")
@@ -47,7 +48,7 @@ def read_run_config(run_dir) -> mlc.ConfigDict:
     hint = f" Runs inside it: {', '.join(arms)}." if arms else ""
     raise FileNotFoundError(f"{run_dir} has no config.json, so it is not a run folder; give the --workdir of a "
                             f"finished run.{hint}")
-  cfg = mlc.ConfigDict(store_lib.read_json(cfg_file))
+  cfg = mlc.ConfigDict(read_json(cfg_file))
   if cfg.get("stage") == "pipeline":
     arms = _arm_folders(run_dir) or [str(run_dir / "seed_0" / "baseline")]
     raise config_lib.ConfigError(f"{run_dir} is a pipeline folder, not one run; give one of its arm folders: "
@@ -58,7 +59,7 @@ def read_run_config(run_dir) -> mlc.ConfigDict:
 def _arm_folders(folder: pathlib.Path) -> list[str]:
   """Run folders (with config.json) one or two levels below `folder`, e.g. RUN/seed_0/baseline."""
   found = [p.parent for pat in ("*/config.json", "*/*/config.json") for p in sorted(folder.glob(pat))]
-  found = [p for p in found if store_lib.read_json(p / "config.json").get("stage") != "pipeline"]
+  found = [p for p in found if read_json(p / "config.json").get("stage") != "pipeline"]
   return [str(p) for p in found[:6]] + (["..."] if len(found) > 6 else [])
 
 

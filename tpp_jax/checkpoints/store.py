@@ -6,9 +6,8 @@ Layout in the workdir:
 """
 from __future__ import annotations
 
-import json
 import pathlib
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -100,24 +99,19 @@ def _check_same_structure(want, got, where):
                        "num_prompts, ...) must match the TPP run's.")
 
 
-def read_json(path: pathlib.Path) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
 # ------------------------------------------------------------------------------------------------
 # tpp_jax's own flat weight files (the shipped house backbone) and pretrain workdirs as init.
 # ------------------------------------------------------------------------------------------------
 
 def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
-  """Nested dict -> {'a/b/c': array}; the inverse of `unflatten`."""
+  """Nested dict -> {'a/b/c': leaf} (leaves as they are); the inverse of `unflatten`."""
   out = {}
   for k, v in tree.items():
     key = f"{prefix}{k}"
     if isinstance(v, Mapping):
       out.update(flatten(v, key + "/"))
     else:
-      out[key] = np.asarray(v)
+      out[key] = v
   return out
 
 
@@ -135,7 +129,7 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
 def save_flat(path, tree: dict, dtype=np.float16, metadata: dict | None = None):
   """Save a nested param dict as safetensors with '/'-joined names (fp16 by default: half the size)."""
   from safetensors.numpy import save_file
-  flat = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in flatten(tree).items()}
+  flat = {k: np.ascontiguousarray(np.asarray(v).astype(dtype)) for k, v in flatten(tree).items()}
   save_file(flat, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 

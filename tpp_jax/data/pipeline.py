@@ -63,10 +63,19 @@ class _WeightedIndex(grain.transforms.RandomMap):
 
 
 class _Subset:
-  """Random-access view ``source[indices[i]]``, optional ``valid`` flags."""
+  """Random-access view ``source[indices[i]]``, optional ``valid`` flags.
+
+  Keeps the source's ``num_classes`` / ``class_names`` / ``task`` and the
+  matching ``labels`` (class weights and balanced sampling read them).
+  """
 
   def __init__(self, source, indices: np.ndarray, num_valid: int | None = None):
-    self.source, self.indices, self.num_valid = source, indices, num_valid
+    self.source, self.indices, self.num_valid = source, np.asarray(indices), num_valid
+    for a in ('num_classes', 'class_names', 'task'):
+      if hasattr(source, a):
+        setattr(self, a, getattr(source, a))
+    if getattr(source, 'labels', None) is not None:
+      self.labels = np.asarray(source.labels)[self.indices]
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -77,6 +86,13 @@ class _Subset:
       rec = dict(rec)
       rec['valid'] = np.bool_(i < self.num_valid)
     return rec
+
+
+def random_subset(source: Any, n: int) -> _Subset:
+  """A fixed random subset of ``n`` examples (seed 0, the same for every run;
+  quick runs keep the class balance), in source order."""
+  n = min(int(n), len(source))
+  return _Subset(source, np.sort(np.random.default_rng(0).permutation(len(source))[:n]))
 
 
 def _shard_indices(n: int, shard_index: int, shard_count: int) -> np.ndarray:
