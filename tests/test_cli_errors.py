@@ -117,7 +117,7 @@ def test_unknown_key_in_the_config_argument():
 
 def test_bad_enum_in_process(tmp_path):
   c = load_config("experiment", "pneumonia,smoke,px32,pretext.type=simclr")
-  with pytest.raises(config_lib.ConfigError, match=r"pretext.type='simclr' is not valid; choose one of \['mae', 'dino'\]"):
+  with pytest.raises(config_lib.ConfigError, match=r"pretext.type='simclr' is not valid; choose one of \['mae', 'dino', 'contrastive'\]"):
     main.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # nothing written for a rejected config
 
