@@ -238,3 +238,16 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
 
 def to_json(c: mlc.ConfigDict) -> str:
   return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def with_defaults(saved: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict:
+  """A saved config.json (dict) with the fields it lacks filled in from base_config (nested dicts merged):
+  a run saved before a field existed ran with that field's default."""
+  defaults = json.loads(to_json(base_config())) if defaults is None else defaults
+  out = dict(saved)
+  for k, v in defaults.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(v, Mapping) and isinstance(out[k], Mapping):
+      out[k] = with_defaults(out[k], v)
+  return out

@@ -285,23 +285,12 @@ def check_workdir(config, workdir: pathlib.Path):
   if not cfg_file.exists():
     return
   # a run saved before a config field existed ran with that field's default
-  old = _with_defaults(read_json(cfg_file), json.loads(config_lib.to_json(config_lib.base_config())))
+  old = config_lib.with_defaults(read_json(cfg_file))
   new = json.loads(config_lib.to_json(config))
   diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
   if diff:
     raise ConfigError(f"--workdir {workdir} already holds a run with a different config (fields {diff}). "
                       "Use a new --workdir, or the same config to resume it.")
-
-
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-  """`saved` with the fields it lacks filled in from `defaults` (nested dicts merged)."""
-  out = dict(saved)
-  for k, v in defaults.items():
-    if k not in out:
-      out[k] = v
-    elif isinstance(v, dict) and isinstance(out[k], dict):
-      out[k] = _with_defaults(out[k], v)
-  return out
 
 
 class Trainer:

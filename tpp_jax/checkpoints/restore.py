@@ -48,7 +48,7 @@ def read_run_config(run_dir) -> mlc.ConfigDict:
     hint = f" Runs inside it: {', '.join(arms)}." if arms else ""
     raise FileNotFoundError(f"{run_dir} has no config.json, so it is not a run folder; give the --workdir of a "
                             f"finished run.{hint}")
-  cfg = mlc.ConfigDict(read_json(cfg_file))
+  cfg = mlc.ConfigDict(config_lib.with_defaults(read_json(cfg_file)))
   if cfg.get("stage") == "pipeline":
     arms = _arm_folders(run_dir) or [str(run_dir / "seed_0" / "baseline")]
     raise config_lib.ConfigError(f"{run_dir} is a pipeline folder, not one run; give one of its arm folders: "

@@ -15,11 +15,6 @@ import jax.numpy as jnp
 from tpp_jax.objectives.base import Objective
 
 
-def _get(cfg, name, default):
-  value = cfg.get(name, None) if hasattr(cfg, "get") else getattr(cfg, name, None)
-  return default if value is None else value
-
-
 class ProjectionHead(nn.Module):
   """SimCLR projection: Dense -> GELU -> Dense."""
   hidden_dim: int = 256
@@ -58,8 +53,8 @@ class ContrastiveObjective(Objective):
   def __init__(self, config, encoder):
     super().__init__(config, encoder)
     p = config.pretext
-    self.temperature = float(_get(p, "contrastive_temp", 0.2))
-    self.head = ProjectionHead(int(_get(p, "proj_hidden_dim", 256)), int(_get(p, "proj_dim", 128)))
+    self.temperature = float(p.contrastive_temp)
+    self.head = ProjectionHead(int(p.proj_hidden_dim), int(p.proj_dim))
 
   def init(self, rng, encoder_params, batch):
     feats = self.encode({"encoder": encoder_params}, batch["image"][:2], False, None)["pooled"]

@@ -40,11 +40,6 @@ from tpp_jax.models.vit import ViT
 from tpp_jax.objectives.base import Objective
 
 
-def _get(cfg, name, default):
-  value = cfg.get(name, None) if hasattr(cfg, "get") else getattr(cfg, name, None)
-  return default if value is None else value
-
-
 def resize_pos_embed(pos, grid: int):
   """(1, 1+g*g, D) position embedding -> (1, 1+grid*grid, D): the patch part resized bicubically."""
   n, d = pos.shape[1] - 1, pos.shape[2]
@@ -65,13 +60,13 @@ class DINOObjective(Objective):
     p = config.pretext
     self.head = DINOHead(p.dino_out_dim, p.dino_hidden_dim, p.dino_bottleneck_dim)
     self.teacher_temp, self.student_temp = float(p.teacher_temp), float(p.student_temp)
-    self.temp_start = float(_get(p, "teacher_temp_warmup", self.teacher_temp))
-    self.temp_steps = int(_get(p, "teacher_temp_warmup_steps", 0))
+    self.temp_start = float(p.teacher_temp_warmup)
+    self.temp_steps = int(p.teacher_temp_warmup_steps)
     self.center_momentum, self.m0 = float(p.center_momentum), float(p.teacher_momentum)
     self.total_steps = max(int(config.steps), 1)
-    self.local_crops = int(_get(p, "local_crops", 0))
-    self.local_size = int(_get(p, "local_crop_size", encoder.cfg.image_size))
-    self.local_scale = tuple(float(s) for s in _get(p, "local_crop_scale", (0.05, 0.4)))
+    self.local_crops = int(p.local_crops)
+    self.local_size = int(p.local_crop_size)
+    self.local_scale = tuple(float(s) for s in p.local_crop_scale)
     self.local_encoder = None
     if self.local_crops > 0:
       if self.local_size <= 0 or self.local_size % encoder.cfg.patch:
