@@ -168,3 +168,22 @@ def test_fsdp_sharded_params_give_the_same_step(pneumonia_npz, tmp_path):
   assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-5
   for a, b in zip(jax.tree_util.tree_leaves(s1["params"]), jax.tree_util.tree_leaves(s2["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_rerun_after_losing_checkpoints_newer_than_best_resumes_to_the_same_result(tmp_path):
+  """Killed after a best checkpoint was kept but before the next periodic one: every rerun used to end in
+  orbax's StepAlreadyExistsError at the best step. Now it resumes and ends as the uninterrupted run did."""
+  from tpp_jax import main
+  arg = "demo,smoke,steps=8,eval_every=2,checkpoint_every=4,keep_checkpoints=1"
+  wd = tmp_path / "run"
+  main.run(load_config("experiment", arg), str(wd))
+  first = json.loads((wd / "summary.json").read_text())
+  best_step = first["best"]["step"]
+  assert sorted(p.name for p in (wd / "best").iterdir()) == [str(best_step)] and best_step > 0
+  import shutil
+  shutil.rmtree(wd / "checkpoints" / "8")  # as if killed before the last periodic checkpoint landed
+  (wd / "summary.json").unlink()
+  main.run(load_config("experiment", arg), str(wd))
+  again = json.loads((wd / "summary.json").read_text())
+  assert again["final"] == first["final"] and again["best"] == first["best"]
+  assert sorted(p.name for p in (wd / "best").iterdir()) == [str(best_step)]

@@ -366,7 +366,7 @@ class Trainer:
 
     steps, log_every = int(c.steps), int(c.log_every)
     t_start, timed_steps, t_timed = time.time(), 0, 0.0
-    best = None
+    best = store.best_meta()  # a resumed run keeps comparing against the best it already kept
     stop = min(steps, int(c.stop_after)) if c.stop_after else steps
     bar = progress(range(start, stop), desc=c.stage, enabled=bool(c.progress) and is_main, initial=start,
                    total=steps)

@@ -34,7 +34,16 @@ class CheckpointStore:
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)), force=force)
 
+  def best_meta(self) -> dict | None:
+    """{'step', 'metric', 'value'} of the kept best checkpoint, or None."""
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    return dict(self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
   def save_best(self, step: int, state: dict, value: float, meta: dict):
+    if step in self.best.all_steps():  # a resumed run re-reaching a kept step: resume is exact, so it is the same
+      return
     self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  meta=ocp.args.JsonSave(meta)),
                    metrics={"value": float(value)}, force=True)
