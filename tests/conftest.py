@@ -49,3 +49,12 @@ def run_cli(args, cwd=None, timeout=600):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "tpp_jax.main", *args], cwd=cwd or ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def house_smoke_config():
+  """configs/house_backbone.py:smoke on the shared natural photographs, 64 held out, eval on val."""
+  c = load_config("house_backbone", "smoke")
+  c.data.path = str(shared_path("data", "pretrain_natural_64", "images_jpeg.npz"))
+  c.data.val_count = 64
+  c.eval_splits = ("val",)
+  return c

@@ -48,13 +48,9 @@ def test_eval_stage_reproduces_the_final_metrics(tmp_path, pneumonia_npz):
 
 
 def test_house_backbone_config_exports_and_reloads(tmp_path):
-  from conftest import shared_path
+  from conftest import house_smoke_config
   from tpp_jax import export_backbone
-  natural = shared_path("data", "pretrain_natural_64", "images_jpeg.npz")
-  c = load_config("house_backbone", "smoke")
-  c.data.path = str(natural)
-  c.data.val_count = 64
-  c.eval_splits = ("val",)
+  c = house_smoke_config()
   engine.train(c, tmp_path / "pre")
   summary = export_backbone.export(tmp_path / "pre", tmp_path / "out", "tiny")
   h = summary["heldout"]

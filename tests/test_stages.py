@@ -139,13 +139,9 @@ def test_target_init_is_refused_where_the_table_says(monkeypatch):
 
 def test_export_backbone_without_the_runs_init_file(tmp_path):
   """A `pretrain` run from a backbone file exports after that file is gone (build step + its own checkpoint)."""
-  from conftest import shared_path
+  from conftest import house_smoke_config
   from tpp_jax import export_backbone
-  natural = shared_path("data", "pretrain_natural_64", "images_jpeg.npz")
-  c = load_config("house_backbone", "smoke")
-  c.data.path = str(natural)
-  c.data.val_count = 64
-  c.eval_splits = ("val",)
+  c = house_smoke_config()
   enc = engine.build_encoder(c)
   params = enc.init(jax.random.key(5), np.zeros((1, 64, 64, 3), np.float32))["params"]
   backbone = tmp_path / "backbone.safetensors"
