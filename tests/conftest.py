@@ -42,11 +42,11 @@ def load_config(name: str, arg: str | None = None):
   return load_config_file(f"{ROOT / 'configs' / name}.py" + (f":{arg}" if arg else ""))
 
 
-def run_cli(args, cwd=None, timeout=600):
-  """Run `python -m tpp_jax.main ARGS` in a fresh process (8 fake CPU devices)."""
+def run_cli(args, cwd=None, timeout=600, env=None):
+  """Run `python -m tpp_jax.main ARGS` in a fresh process (8 fake CPU devices; `env`: extra variables)."""
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", **(env or {}))
   return subprocess.run([sys.executable, "-m", "tpp_jax.main", *args], cwd=cwd or ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -58,3 +58,14 @@ def house_smoke_config():
   c.data.val_count = 64
   c.eval_splits = ("val",)
   return c
+
+
+def one_error_line(r, rc: int = 2) -> str:
+  """The CLI contract for a user mistake (DESIGN.md §3 'Errors') on a finished `run_cli` result: exit code `rc`,
+  no traceback, exactly one `error:` line on stderr. Returns that line."""
+  out = r.stdout + r.stderr
+  assert r.returncode == rc, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, r.stderr[-2000:]
+  return errors[0]

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import load_config, run_cli
 from tpp_jax import config as config_lib, engine, partition
+from tpp_jax import workdir as workdir_lib
 from tpp_jax.checkpoints import store
 
 
@@ -131,21 +132,21 @@ def test_finetune_writes_the_contract_files(pneumonia_npz, tmp_path):
 def test_a_different_config_never_overwrites_a_run(pneumonia_npz, tmp_path):
   engine.train(_cfg(pneumonia_npz, "steps=2"), tmp_path / "run")
   with pytest.raises(engine.ConfigError, match="different config"):
-    engine.train(_cfg(pneumonia_npz, "steps=2,optim.lr=0.5"), tmp_path / "run")
+    engine.train(_cfg(pneumonia_npz, "steps=2,optim.weight_decay=0.5"), tmp_path / "run")
 
 
 def test_a_run_saved_before_a_new_config_field_still_resumes(tmp_path):
   """config.json of an older version lacks fields added since (e.g. data.workers, init.adapter): they are defaults."""
   c = load_config("experiment", "demo,smoke,steps=2")
-  engine.check_workdir(c, tmp_path)  # empty workdir: nothing to compare
+  workdir_lib.check_config(c, tmp_path)  # empty workdir: nothing to compare
   saved = json.loads(config_lib.to_json(c))
   del saved["data"]["workers"], saved["init"]["adapter"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  engine.check_workdir(c, tmp_path)  # the same run: resumes
+  workdir_lib.check_config(c, tmp_path)  # the same run: resumes
   with c.unlocked():
     c.data.workers = "2"
-  with pytest.raises(engine.ConfigError, match=r"fields \['data'\]"):
-    engine.check_workdir(c, tmp_path)
+  with pytest.raises(engine.ConfigError, match=r"fields \['data.workers'\]"):
+    workdir_lib.check_config(c, tmp_path)
 
 
 def test_nan_loss_stops_with_a_clear_error(pneumonia_npz, tmp_path):

@@ -7,7 +7,8 @@ Stages differ only by their entry in stages.STAGES: the partition rules, the obj
                          steps; reads no file (checkpoints.restore.load_run uses the same build code)
   build_data(config)     sources and transforms (only where training / evaluation needs them)
   Trainer.load()         random init, then checkpoints.load.load_init: backbone of init.path, target_init / adapter
-  Trainer.run()          the loop
+  Trainer.run()          the loop, under the workdir contract (workdir.py): one live process, same config, exact
+                         resume; nothing non-finite is ever saved; SIGTERM / SIGINT checkpoint and stop
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -29,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tpp_jax import config as config_lib
 from tpp_jax import partition
 from tpp_jax import stages as stages_lib
+from tpp_jax import workdir as workdir_lib
 from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.logging_utils import read_json
@@ -41,13 +44,18 @@ from tpp_jax.objectives.base import LOWER_IS_BETTER
 from tpp_jax.logging_utils import MetricsLogger, progress
 
 ConfigError = config_lib.ConfigError
-# Config fields that may change between a run and its resumption in the same workdir.
-RESUMABLE_FIELDS = ("steps", "stop_after", "eval_every", "checkpoint_every", "log_every", "progress", "keep_checkpoints",
-                    "eval_splits", "eval_batch_size")
 
 
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. the loss became NaN); saved checkpoints are kept."""
+
+
+class Interrupted(TrainingError):
+  """SIGTERM / SIGINT stopped the run after checkpointing; `exit_code` is 128 + the signal number."""
+
+  def __init__(self, msg: str, signum: int):
+    super().__init__(msg)
+    self.exit_code = 128 + int(signum)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +226,13 @@ def build(config, devices=None) -> Built:
                schedule=schedule, state=state, state_sharding=sharding, train_step=train_step, eval_step=eval_step)
 
 
+FINITE = "all_finite"  # the train step's flag: loss, gradients, updated params and aux hold no NaN / Inf
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding):
   """The jitted (train_step, eval_step) of an objective and optimizer over `mesh` (traced at the first call)."""
   repl = NamedSharding(mesh, P())
@@ -232,7 +247,8 @@ def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     aux = obj.after_step(params, aux, step)
-    mets = {**mets, "update_norm": optax.tree.norm(updates), "lr": schedule(step)}
+    finite = all_finite((loss, grads, params, aux))  # read lazily by the loop: nothing non-finite is ever saved
+    mets = {**mets, "update_norm": optax.tree.norm(updates), "lr": schedule(step), FINITE: finite}
     return {"step": step + 1, "params": params, "opt_state": opt_state, "aux": aux}, mets
 
   def eval_step(params, aux, batch):
@@ -278,20 +294,6 @@ def build_data(config, objective) -> tuple[dict, Any, Any]:
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
-
-def check_workdir(config, workdir: pathlib.Path):
-  """Refuse to mix a different config into a workdir that holds a run (nothing saved is overwritten)."""
-  cfg_file = workdir / "config.json"
-  if not cfg_file.exists():
-    return
-  # a run saved before a config field existed ran with that field's default
-  old = config_lib.with_defaults(read_json(cfg_file))
-  new = json.loads(config_lib.to_json(config))
-  diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
-  if diff:
-    raise ConfigError(f"--workdir {workdir} already holds a run with a different config (fields {diff}). "
-                      "Use a new --workdir, or the same config to resume it.")
-
 
 class Trainer:
   """Builds everything for one stage from a config; .run() trains (or resumes) and evaluates."""
@@ -347,10 +349,15 @@ class Trainer:
 
   # -- the loop -----------------------------------------------------------------------------------
   def run(self) -> dict:
+    """Train (or resume) and evaluate under the workdir contract: lock, same config, then the loop."""
+    is_main = jax.process_index() == 0
+    with workdir_lib.lock(self.workdir, enabled=is_main), workdir_lib.stop_signals():
+      workdir_lib.check_config(self.config, self.workdir)
+      return self._loop()
+
+  def _loop(self) -> dict:
     c, wd = self.config, self.workdir
     is_main = jax.process_index() == 0
-    wd.mkdir(parents=True, exist_ok=True)
-    check_workdir(c, wd)
     if is_main:
       (wd / "config.json").write_text(config_lib.to_json(c))
     store = store_lib.CheckpointStore(wd, keep=int(c.keep_checkpoints), best_mode=self.best_mode)
@@ -361,7 +368,9 @@ class Trainer:
       it.set_state(meta["data_iter"])
       start = int(self.state["step"])
       print(f"Resumed {wd} at step {start}.")
-    logger = MetricsLogger(wd, c.stage, enabled=is_main)
+    if is_main:
+      workdir_lib.trim_metrics(wd, start)  # rows an interrupted run logged past its checkpoint are logged again
+    logger = MetricsLogger(wd, c.stage, enabled=is_main, purge_step=start + 1 if start else None)
     print(f"[{c.stage}] {self.init_source}; {partition.format_counts(self.counts)}")
 
     steps, log_every = int(c.steps), int(c.log_every)
@@ -370,19 +379,22 @@ class Trainer:
     stop = min(steps, int(c.stop_after)) if c.stop_after else steps
     bar = progress(range(start, stop), desc=c.stage, enabled=bool(c.progress) and is_main, initial=start,
                    total=steps)
-    mets = None
+    self._unchecked = []  # (step, all_finite flag) not read back yet: checked before anything is saved
+    done = start
     for step in bar:
       batch = next(it)
       t0 = time.time()
       self.state, mets = self.train_step(self.state, global_batch(batch, self.mesh), self.base_rng)
       done = step + 1
+      self._unchecked.append((done, mets.pop(FINITE)))
+      fault_point(wd, "step", done)
       if done % log_every == 0 or done == stop:
         mets = jax.device_get(mets)
         dt = time.time() - t0
         if step > start:  # the first step includes compilation
           timed_steps += 1
           t_timed += dt
-        self._check_finite(mets, done, store)
+        self._check_finite(store)
         ips = self.config.batch_size * timed_steps / t_timed if t_timed else float("nan")
         logger.log(done, "train", {k: float(v) for k, v in mets.items()}, images_per_sec=ips)
         bar.set_postfix(loss=f"{float(mets['loss']):.4f}", img_s=f"{ips:.0f}")
@@ -391,21 +403,28 @@ class Trainer:
         timed_steps += 1
         t_timed += time.time() - t0
       if c.eval_every and done % int(c.eval_every) == 0 and done != steps:
+        self._check_finite(store)
         best = self._eval_and_keep_best(done, logger, store, best)
+        fault_point(wd, "eval", done)
       if c.checkpoint_every and done % int(c.checkpoint_every) == 0 and done != steps:
-        self._check_finite(jax.device_get(mets), done, store)  # never checkpoint NaN parameters
-        store.save(done, self.state, {"data_iter": it.get_state()})
+        self._save(store, done, it)
+        fault_point(wd, "checkpoint", done)
+      if (signum := workdir_lib.stop_requested()) is not None and done < stop:
+        self._save(store, done, it, force=True)
+        store.close()
+        logger.close()
+        name = signal.Signals(signum).name
+        raise Interrupted(f"{name}: stopped at step {done} of {steps} after saving checkpoint step {done} in "
+                          f"{wd / 'checkpoints'}; rerun the same command to resume.", signum)
     if stop < steps:  # a deliberate stop (stop_after): checkpoint and leave; rerun to resume
-      if mets is not None:
-        self._check_finite(jax.device_get(mets), stop, store)
-      store.save(stop, self.state, {"data_iter": it.get_state()}, force=True)
+      self._save(store, stop, it, force=True)
       store.close()
       logger.close()
       print(f"Stopped at step {stop} of {steps} (stop_after); rerun the same command to resume.")
       return {"stage": c.stage, "stopped_at": stop}
-    if mets is not None and jax.device_get(self.state["step"]) == steps:
-      self._check_finite(jax.device_get(mets), steps, store)
-      store.save(steps, self.state, {"data_iter": it.get_state()}, force=True)
+    if done > start:
+      self._save(store, steps, it, force=True)
+      fault_point(wd, "final_checkpoint", steps)
     final = {}
     for split in c.eval_splits:
       if split in self.sources:
@@ -426,7 +445,9 @@ class Trainer:
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
     }
     if is_main:
-      (wd / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+      tmp = wd / "summary.json.tmp"  # written whole or not at all: a kill never leaves half a summary
+      tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
+      tmp.replace(wd / "summary.json")
     logger.close()
     return summary
 
@@ -437,6 +458,11 @@ class Trainer:
   @property
   def best_mode(self) -> str:
     return "min" if self.best_metric in LOWER_IS_BETTER else "max"
+
+  def _save(self, store, step: int, it, force: bool = False):
+    """A periodic / final checkpoint, after checking every step since the last check was finite."""
+    self._check_finite(store)
+    store.save(step, self.state, {"data_iter": it.get_state()}, force=force)
 
   def _eval_and_keep_best(self, step, logger, store, best):
     if "val" not in self.sources:
@@ -457,15 +483,36 @@ class Trainer:
       best = {"step": step, "metric": self.best_metric, "value": v}
     return best
 
-  def _check_finite(self, mets, step, store):
-    loss = float(mets["loss"])
-    if not math.isfinite(loss):
-      store.wait()
-      last = store.latest_step()
-      raise TrainingError(
-          f"The training loss became {loss} at step {step}. Lower optim.lr (now {self.config.optim.lr}), keep "
-          f"optim.clip_norm > 0, or check the data normalisation (data.mean/std). "
-          f"{'Checkpoint step %d in %s is kept; rerunning the same command resumes from it.' % (last, self.workdir / 'checkpoints') if last is not None else 'No checkpoint was written.'}")
+  def _check_finite(self, store):
+    """Read the all-finite flags of the steps run since the last check; stop at the first non-finite one."""
+    if not self._unchecked:
+      return
+    steps = [s for s, _ in self._unchecked]
+    flags = np.asarray(jax.device_get(jnp.stack([f for _, f in self._unchecked])))
+    self._unchecked = []
+    if flags.all():
+      return
+    bad = steps[int(np.argmin(flags))]
+    store.wait()
+    last = store.latest_step()
+    kept = (f"Nothing non-finite was saved: the last checkpoint, step {last} in {self.workdir / 'checkpoints'}, is "
+            "finite, and rerunning with a lower --config.optim.lr resumes from it." if last is not None else
+            "No checkpoint was written.")
+    raise TrainingError(
+        f"Non-finite values (NaN / Inf) in the loss, gradients or parameters at step {bad}; training stopped. Lower "
+        f"optim.lr (now {self.config.optim.lr}), keep optim.clip_norm > 0, or check the data normalisation "
+        f"(data.mean/std). {kept}")
+
+
+def fault_point(workdir: pathlib.Path, event: str, step: int):
+  """Test hook for the interruption tests: TPP_FAULT='<workdir name>:<event>:<step>[:<signal>]' sends this process
+  SIGKILL (or the named signal, e.g. TERM / INT) at that point. Events: step, eval, checkpoint, final_checkpoint."""
+  spec = os.environ.get("TPP_FAULT")
+  if not spec:
+    return
+  name, ev, at, *sig = spec.split(":")
+  if name == workdir.name and ev == event and int(at) == step:
+    os.kill(os.getpid(), getattr(signal, "SIG" + sig[0]) if sig else signal.SIGKILL)
 
 
 def _json_default(o):
@@ -477,5 +524,14 @@ def _json_default(o):
 
 
 def train(config, workdir) -> dict:
-  """Train (or resume) one stage in `workdir` and return its summary."""
-  return Trainer(config, workdir).run()
+  """Train (or resume) one stage in `workdir` and return its summary; a finished run is not trained again."""
+  config = config_lib.validate(config)
+  wd = pathlib.Path(workdir).absolute()
+  is_main = jax.process_index() == 0
+  with workdir_lib.lock(wd, enabled=is_main), workdir_lib.stop_signals():
+    workdir_lib.check_config(config, wd)
+    done = workdir_lib.finished_summary(config, wd)
+    if done is not None:
+      print(f"{wd} holds this run, finished ({done['steps']} steps); nothing to do (summary.json kept).")
+      return done
+    return Trainer(config, wd)._loop()

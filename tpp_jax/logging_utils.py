@@ -12,14 +12,15 @@ from tqdm.auto import tqdm
 class MetricsLogger:
   """Appends `{"step", "stage", "split", ...}` lines to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: pathlib.Path, stage: str, enabled: bool = True):
+  def __init__(self, workdir: pathlib.Path, stage: str, enabled: bool = True, purge_step: int | None = None):
+    """purge_step: a resumed run's first step; TensorBoard drops the events an interrupted run wrote from it on."""
     self.stage, self.enabled = stage, enabled
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self.tb = None
     if enabled:
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+        self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=purge_step)
       except ImportError:  # optional
         self.tb = None
 

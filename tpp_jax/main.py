@@ -36,7 +36,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; overrides look like --config.seed=1.")
   if not _WORKDIR.value:
     _fail("--workdir is required (the run's output folder).")
-  from tpp_jax.engine import TrainingError
+  from tpp_jax.engine import Interrupted, TrainingError
   try:
     cfg = _CONFIG.value
     if cfg is None:
@@ -45,6 +45,12 @@ def main(argv):
       import jax
       jax.distributed.initialize()
     run(cfg, _WORKDIR.value)
+  except Interrupted as e:  # SIGTERM / SIGINT: the run checkpointed and stopped
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop: saved checkpoints are kept
+    print("stopped: interrupted; every saved checkpoint is kept; rerun the same command to resume.", file=sys.stderr)
+    sys.exit(130)
   except (TrainingError,) + USER_ERRORS as e:
     if os.environ.get("TPP_DEBUG"):
       raise

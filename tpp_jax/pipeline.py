@@ -5,20 +5,23 @@ For each seed s in (seed, seed+1, ..., seed+seeds-1), in DIR/seed_s/:
   tpp_finetune/   stage finetune starting from tpp/'s target params (target_init)
   baseline/       stage finetune from random target init (the usual PEFT)
 Then DIR/report.md with tables, learning curves, MAE reconstructions / segmentation overlays.
-Every sub-run is an ordinary workdir: an interrupted pipeline resumes where it stopped.
+Every sub-run is an ordinary workdir: an interrupted pipeline resumes where it stopped, a finished arm is not trained
+again, and the figures are drawn from the arms' saved checkpoints (the same whether or not the run was interrupted).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import pathlib
+import signal
 import weakref
 
 import jax
 import numpy as np
 
 from tpp_jax import engine, metrics, stages
-from tpp_jax.logging_utils import read_json
+from tpp_jax import workdir as workdir_lib
 
 
 def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
@@ -51,52 +54,33 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
 
 def run(config, workdir) -> dict:
   wd = pathlib.Path(workdir).absolute()
-  wd.mkdir(parents=True, exist_ok=True)
   if config.peft.type == "none":
     raise engine.ConfigError("stage 'pipeline' compares TPP and plain PEFT: set peft.type (e.g. lora).")
-  engine.check_workdir(config, wd)
-  from tpp_jax import config as config_lib
-  (wd / "config.json").write_text(config_lib.to_json(config))
-  seeds = [int(config.seed) + i for i in range(int(config.seeds))]
-  summaries, trainers = {}, {}
-  need_figures = not all((wd / f).exists() for f in figure_files(config))
-  for seed in seeds:
-    for arm, cfg in arm_configs(config, seed, wd).items():
-      sub = wd / f"seed_{seed}" / arm
-      done = finished_summary(cfg, sub)
-      if done is not None and not (need_figures and seed == seeds[0]):
-        print(f"== seed {seed}: {arm}: finished earlier, summary reused ({sub}) ==", flush=True)
-        summaries[(seed, arm)] = done
-        continue
-      print(f"== seed {seed}: {arm} ==", flush=True)
-      t = engine.Trainer(cfg, sub)
-      summaries[(seed, arm)] = t.run()
-      if seed == seeds[0]:
-        trainers[arm] = t
-  if need_figures:
-    figures(config, wd, trainers)
-  path = None
-  if config.pipeline.report:
-    from tpp_jax import report
-    path = report.write_report(wd)
-    print(f"Report: {path}")
+  is_main = jax.process_index() == 0
+  with workdir_lib.lock(wd, enabled=is_main), workdir_lib.stop_signals():
+    workdir_lib.check_config(config, wd)
+    from tpp_jax import config as config_lib
+    if is_main:
+      (wd / "config.json").write_text(config_lib.to_json(config))
+    seeds = [int(config.seed) + i for i in range(int(config.seeds))]
+    summaries = {}
+    for seed in seeds:
+      for arm, cfg in arm_configs(config, seed, wd).items():
+        if (signum := workdir_lib.stop_requested()) is not None:
+          raise engine.Interrupted(f"{signal.Signals(signum).name}: stopped before seed {seed}: {arm}; every "
+                                   "finished arm is saved; rerun the same command to resume.", signum)
+        print(f"== seed {seed}: {arm} ==", flush=True)
+        summaries[(seed, arm)] = engine.train(cfg, wd / f"seed_{seed}" / arm)
+    if not all((wd / f).exists() for f in figure_files(config)):
+      figures(config, wd, seeds[0])
+    path = None
+    if config.pipeline.report:
+      from tpp_jax import report
+      path = report.write_report(wd)
+      print(f"Report: {path}")
   print(comparison_table(summaries, config.task.type))
   return {"report": str(path) if path else None,
           "runs": {f"seed_{s}/{a}": v.get("final") for (s, a), v in summaries.items()}}
-
-
-def finished_summary(cfg, sub: pathlib.Path) -> dict | None:
-  """The summary of a sub-run that already trained all `cfg.steps` with this config, else None.
-
-  A rerun of a finished pipeline then costs nothing (no re-compilation, no re-evaluation, wall times kept);
-  a sub-run with a different config still gets engine.check_workdir's refusal.
-  """
-  path = sub / "summary.json"
-  if not path.exists():
-    return None
-  engine.check_workdir(cfg, sub)
-  summary = read_json(path)
-  return summary if summary.get("steps") == int(cfg.steps) and "final" in summary else None
 
 
 def figure_files(config) -> list[str]:
@@ -119,15 +103,37 @@ def comparison_table(summaries: dict, task: str) -> str:
   return "\n".join(lines)
 
 
-def figures(config, wd: pathlib.Path, trainers: dict, n: int = 6):
-  """MAE reconstructions of validation images (TPP arm) and segmentation overlays (fine-tune arm)."""
-  split = "val" if "val" in trainers["tpp"].sources else "train"
+@dataclasses.dataclass(eq=False)
+class SavedArm:
+  """What render_figure reads of a trainer, restored from an arm's final checkpoint (no training, no upstream file)."""
+  config: object
+  encoder: object
+  objective: object
+  sources: dict
+  eval_fn: object
+  state: dict
+
+
+def saved_arm(run_dir: pathlib.Path) -> SavedArm:
+  from tpp_jax.checkpoints import restore
+  from tpp_jax.data import transforms
+  run = restore.load_run(run_dir, "latest")
+  return SavedArm(config=run.config, encoder=run.encoder, objective=run.objective,
+                  sources=engine.build_sources(run.config),
+                  eval_fn=transforms.make_transform(run.config.data, train=False),
+                  state={"params": run.params, "aux": run.aux})
+
+
+def figures(config, wd: pathlib.Path, seed: int, n: int = 6):
+  """MAE reconstructions of validation images (TPP arm) and segmentation overlays (fine-tune arm) of one seed."""
   if config.pretext.type == "mae":
-    render_figure(trainers["tpp"], "mae_reconstructions", wd / "mae_reconstructions.png", split, n)
+    t = saved_arm(wd / f"seed_{seed}" / "tpp")
+    render_figure(t, "mae_reconstructions", wd / "mae_reconstructions.png", "val" if "val" in t.sources else "train",
+                  n)
   if config.task.type == "segmentation":
-    t = trainers["tpp_finetune"]
+    t = saved_arm(wd / f"seed_{seed}" / "tpp_finetune")
     render_figure(t, "segmentation_overlays", wd / "segmentation_overlays.png",
-                  "test" if "test" in t.sources else split, n)
+                  next(s for s in ("test", "val", "train") if s in t.sources), n)
 
 
 def figure_kinds(trainer) -> list[str]:

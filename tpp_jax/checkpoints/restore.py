@@ -78,6 +78,7 @@ def _restore(folder: pathlib.Path, abstract: dict) -> tuple[dict, int] | None:
     step = mngr.latest_step()
     if step is None:
       return None
+    store_lib.check_intact(folder / str(step))
     item = {k: v for k, v in abstract.items() if jax.tree_util.tree_leaves(v)}  # orbax skips empty subtrees
     restore_args = jax.tree_util.tree_map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), item)
     try:

@@ -3,10 +3,19 @@
 Layout in the workdir:
   checkpoints/<step>/{state, meta}   state = {params, opt_state, aux, step}; meta = {data_iter, ...}
   best/<step>/{state, meta}          the best step by the validation metric (params + aux only)
+  <step>/tpp_checksums.json          sha256 and size of every file of the step, written once orbax finished it
+  damaged_checkpoints/<folder>_<step>  a step that failed its checksums or its restore, moved aside (never deleted)
+
+A store opened on a workdir checks the newest steps first: a damaged one is reported in one line and moved aside, so
+the run resumes from the newest intact step and keep-N never deletes an intact step while a damaged one is newer.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
+import shutil
+import sys
 from typing import Mapping
 
 import jax
@@ -14,16 +23,106 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+CHECKSUMS = "tpp_checksums.json"
+DAMAGED = "damaged_checkpoints"
+
+
+def _steps(folder: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def _files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _sha256(path: pathlib.Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(step_dir: pathlib.Path):
+  """Record sha256 + size of every file of a finished orbax step (written last: a step without it is unverified)."""
+  sums = {str(p.relative_to(step_dir)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in _files(step_dir)}
+  tmp = step_dir / (CHECKSUMS + ".tmp")
+  tmp.write_text(json.dumps(sums, indent=0))
+  tmp.replace(step_dir / CHECKSUMS)
+
+
+def damage(step_dir: pathlib.Path) -> str | None:
+  """Why the checkpoint step `step_dir` is damaged (a file missing, cut or changed since it was saved), or None when
+  it matches its checksums (or predates them)."""
+  sums_file = step_dir / CHECKSUMS
+  if not sums_file.exists():
+    return None
+  try:
+    sums = json.loads(sums_file.read_text())
+  except ValueError:
+    return f"{sums_file} is unreadable"
+  for name, want in sums.items():
+    p = step_dir / name
+    if not p.is_file():
+      return f"{p} is missing"
+    if p.stat().st_size != want["size"]:
+      return f"{p} has {p.stat().st_size} bytes, {want['size']} when saved"
+    if _sha256(p) != want["sha256"]:
+      return f"{p} changed since it was saved (sha256 mismatch)"
+  return None
+
+
+def check_intact(step_dir: pathlib.Path):
+  """One ValueError naming the damaged file of a checkpoint step a run reads (target_init, init.path, eval)."""
+  why = damage(step_dir)
+  if why is not None:
+    raise ValueError(f"checkpoint {step_dir} is damaged: {why}. Restore it from a backup, or rerun the run that "
+                     "wrote it.")
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def quarantine(step_dir: pathlib.Path, why: str) -> pathlib.Path:
+  """Move a damaged step out of orbax's folder into WORKDIR/damaged_checkpoints (kept, never deleted)."""
+  dest_dir = step_dir.parent.parent / DAMAGED
+  dest = dest_dir / f"{step_dir.parent.name}_{step_dir.name}"
+  i = 1
+  while dest.exists():
+    dest, i = dest_dir / f"{step_dir.parent.name}_{step_dir.name}.{i}", i + 1
+  if _is_main():
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(step_dir), str(dest))
+  print(f"warning: checkpoint {step_dir} is damaged ({why}); moved to {dest}, using the newest intact one.",
+        file=sys.stderr)
+  return dest
+
+
+def drop_damaged(folder: pathlib.Path, newest_only: bool = True):
+  """Quarantine damaged steps of `folder`, newest first, up to the first intact one (all of them if not newest_only)."""
+  for step in reversed(_steps(folder)):
+    why = damage(folder / str(step))
+    if why is None:
+      if newest_only:
+        return
+      continue
+    quarantine(folder / str(step), why)
+
+
 class CheckpointStore:
-  """Periodic and best checkpoints of one workdir."""
+  """Periodic and best checkpoints of one workdir, checksummed; damaged steps are moved aside, never restored."""
 
   def __init__(self, workdir: str | pathlib.Path, keep: int = 2, best_mode: str = "max"):
     self.dir = pathlib.Path(workdir).absolute()
+    self.keep, self.best_mode = keep, best_mode
+    drop_damaged(self.dir / "checkpoints")
+    drop_damaged(self.dir / "best")
+    self._open()
+
+  def _open(self):
     self.latest = ocp.CheckpointManager(
-        self.dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
     self.best = ocp.CheckpointManager(
         self.dir / "best", options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["value"], best_mode=best_mode))
+            max_to_keep=1, create=True, best_fn=lambda m: m["value"], best_mode=self.best_mode))
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -33,6 +132,13 @@ class CheckpointStore:
       return
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)), force=force)
+    self._seal(self.latest, step)
+
+  def _seal(self, mngr, step: int):
+    """Wait for orbax to finish the step, then write its checksums (what restore verifies)."""
+    mngr.wait_until_finished()
+    if _is_main():
+      write_checksums(pathlib.Path(mngr.directory) / str(step))
 
   def best_meta(self) -> dict | None:
     """{'step', 'metric', 'value'} of the kept best checkpoint, or None."""
@@ -47,14 +153,26 @@ class CheckpointStore:
     self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  meta=ocp.args.JsonSave(meta)),
                    metrics={"value": float(value)}, force=True)
+    self._seal(self.best, step)
 
-  def restore(self, template: dict, step: int | None = None) -> tuple[dict, dict]:
-    """Restore (state, meta) into the structure/shardings of `template`."""
-    step = self.latest.latest_step() if step is None else step
+  def restore(self, template: dict) -> tuple[dict, dict]:
+    """Restore (state, meta) of the newest intact step into the structure/shardings of `template`.
+
+    A step that fails to restore (damaged without checksums, e.g. saved by an older version) is moved aside like a
+    step that fails its checksums, and the next older one is tried.
+    """
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    r = self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                          meta=ocp.args.JsonRestore()))
-    return r["state"], r["meta"]
+    while (step := self.latest.latest_step()) is not None:
+      try:
+        r = self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                              meta=ocp.args.JsonRestore()))
+        return r["state"], r["meta"]
+      except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds for a cut or missing file
+        self.close()
+        quarantine(self.dir / "checkpoints" / str(step), f"restore failed: {type(e).__name__}: {str(e)[:200]}")
+        self._open()
+    raise ValueError(f"no intact checkpoint is left in {self.dir / 'checkpoints'} (damaged ones are in "
+                     f"{self.dir / DAMAGED}); start over with a new --workdir.")
 
   def wait(self):
     self.latest.wait_until_finished()
@@ -80,6 +198,7 @@ def load_subtree(workdir: str | pathlib.Path, subtree: dict, prefer_best: bool =
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"{folder} holds no complete checkpoint; rerun or finish the `tpp` stage there.")
+  check_intact(folder / str(step))
   item = {"params": jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), subtree)}
   try:
     r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -163,6 +282,7 @@ def load_backbone_tpp(path) -> tuple[dict, dict | None]:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"{folder} holds no complete checkpoint.")
+    check_intact(folder / str(step))
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     tree = jax.tree_util.tree_map(np.asarray, dict(restored["state"]["params"]))
     mngr.close()

@@ -1,0 +1,165 @@
+"""The workdir contract through the CLI: kill -9 anywhere resumes to the uninterrupted result, a finished run is not
+retrained, nothing non-finite is saved, SIGTERM / SIGINT checkpoint and stop, no relabelling, one live run per
+workdir."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import load_config, run_cli
+from tpp_jax import config as config_lib, main
+from tpp_jax import workdir as workdir_lib
+
+PIPE_ARG = "smoke,steps=6,pipeline.tpp_steps=6,checkpoint_every=2,eval_every=3"
+ARMS = ("tpp", "tpp_finetune", "baseline")
+RUN_ARG = "demo,smoke,steps=6,checkpoint_every=2,eval_every=3,log_every=1"
+VOLATILE = ("wall_time_s", "images_per_sec")  # how long it took: the only fields a resume may change
+
+
+def _summary(run_dir):
+  text = (run_dir / "summary.json").read_text().replace(str(run_dir.parent.parent), "WD")
+  return {k: v for k, v in json.loads(text).items() if k not in VOLATILE}
+
+
+def _rows(run_dir):
+  return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+          for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(folder):
+  return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_pipeline_killed_at_any_point_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+  ref = tmp_path / "ref"
+  main.run(load_config("default", PIPE_ARG), str(ref))
+  wd = tmp_path / "killed"
+  cli = ["--config", f"configs/default.py:{PIPE_ARG}", "--workdir", str(wd)]
+  kill_points = ("tpp:checkpoint:4",              # a pretext arm right after a periodic checkpoint
+                 "tpp_finetune:eval:3",           # between an eval (best kept) and the next checkpoint
+                 "baseline:step:5",               # mid training: step 5 is lost
+                 "baseline:final_checkpoint:6")   # after the last checkpoint, before the final eval and summary
+  for fault in kill_points:
+    r = run_cli(cli, env={"TPP_FAULT": fault})
+    assert r.returncode == -signal.SIGKILL, (fault, r.stderr[-2000:])
+  r = run_cli(cli)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "taking over the lock" in r.stderr and "Traceback" not in r.stderr
+  assert r.stdout.count("nothing to do") == 2  # tpp and tpp_finetune finished earlier: not trained again
+  for arm in ARMS:
+    a, b = ref / "seed_0" / arm, wd / "seed_0" / arm
+    assert _summary(b) == _summary(a), arm
+    assert _rows(b) == _rows(a), arm  # the same losses and metrics, each row once
+    assert _steps(b / "checkpoints") == _steps(a / "checkpoints") and _steps(b / "best") == _steps(a / "best"), arm
+  assert json.loads((wd / "comparison.json").read_text()) == json.loads((ref / "comparison.json").read_text())
+  assert not list(wd.rglob(workdir_lib.LOCK_FILE))
+
+  # a rerun of the finished pipeline trains nothing, exits 0 and leaves every run file as it was
+  files = {p: p.read_bytes() for p in (wd / "seed_0").rglob("*") if p.is_file()}
+  main.run(load_config("default", PIPE_ARG), str(wd))
+  assert capsys.readouterr().out.count("nothing to do") == 3
+  assert {p: p.read_bytes() for p in (wd / "seed_0").rglob("*") if p.is_file()} == files
+
+
+def test_fewer_steps_on_a_finished_run_is_refused_and_changes_nothing(tmp_path):
+  wd = tmp_path / "run"
+  main.run(load_config("experiment", RUN_ARG), str(wd))
+  files = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+  r = run_cli(["--config", f"configs/experiment.py:{RUN_ARG}", "--config.steps=4", "--workdir", str(wd)])
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
+  assert "trained to 6 steps; --config.steps=4 would relabel its files" in r.stderr
+  assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()} == files
+  # the same command again: finished, nothing to do, nothing rewritten
+  again = main.run(load_config("experiment", RUN_ARG), str(wd))
+  assert again["final"] == json.loads((wd / "summary.json").read_text())["final"]
+  assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()} == files
+
+
+def test_nan_is_never_checkpointed_and_a_lower_lr_resumes(tmp_path):
+  wd = tmp_path / "run"
+  arg = "demo,smoke,steps=10,checkpoint_every=2,log_every=5"
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e6", "--workdir", str(wd)])
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  line = r.stderr.strip()
+  assert line.startswith("error: TrainingError: Non-finite values (NaN / Inf)") and "\n" not in line
+  bad = int(line.split("parameters at step ")[1].split(";")[0])
+  last = int(line.split("the last checkpoint, step ")[1].split(" ")[0])
+  assert last < bad and workdir_lib.checkpoint_steps(wd)[-1] == last
+  for step in workdir_lib.checkpoint_steps(wd):  # every saved leaf is finite
+    mngr = ocp.CheckpointManager(wd / "checkpoints")
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state)), step
+  # the way out the message gives: a lower lr resumes from that checkpoint and finishes
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e-3", "--workdir", str(wd)])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"Resumed {wd} at step {last}" in r.stdout
+  assert json.loads((wd / "summary.json").read_text())["steps"] == 10
+  # a higher lr than the run's is still refused
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e-2", "--workdir", str(wd)])
+  assert r.returncode == 2 and "may lower the lr" in r.stderr
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_sigterm_and_sigint_checkpoint_stop_and_resume_exactly(tmp_path, sig):
+  ref = tmp_path / "ref"
+  main.run(load_config("experiment", RUN_ARG), str(ref))
+  wd = tmp_path / "run"
+  cli = ["--config", f"configs/experiment.py:{RUN_ARG}", "--workdir", str(wd)]
+  r = run_cli(cli, env={"TPP_FAULT": f"run:step:5:{sig}"})
+  signum = getattr(signal, "SIG" + sig)
+  assert r.returncode == 128 + signum, r.stderr[-2000:]
+  assert r.stderr.strip() == (f"stopped: SIG{sig}: stopped at step 5 of 6 after saving checkpoint step 5 in "
+                              f"{wd / 'checkpoints'}; rerun the same command to resume.")
+  assert 5 in workdir_lib.checkpoint_steps(wd) and not (wd / workdir_lib.LOCK_FILE).exists()
+  r = run_cli(cli)
+  assert r.returncode == 0 and f"Resumed {wd} at step 5" in r.stdout, r.stderr[-2000:]
+  assert _summary(wd) == _summary(ref)
+  assert _rows(wd) == _rows(ref)
+
+
+def test_one_live_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+  wd = tmp_path / "run"
+  cli = ["--config", "configs/experiment.py:demo,smoke,steps=2", "--workdir", str(wd)]
+  with workdir_lib.lock(wd):
+    r = run_cli(cli)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert f"is in use by another run: pid {os.getpid()} on host" in r.stderr
+  assert not (wd / "metrics.jsonl").exists()  # the second process wrote nothing
+  (wd / workdir_lib.LOCK_FILE).write_text(json.dumps({"pid": 2 ** 22 + 1, "host": "gone", "started": 0}))
+  main.run(load_config("experiment", "demo,smoke,steps=2"), str(wd))
+  assert "taking over the lock of pid 4194305 on host gone" in capsys.readouterr().err
+  assert (wd / "summary.json").exists() and not (wd / workdir_lib.LOCK_FILE).exists()
+
+
+def test_a_run_that_fails_before_training_leaves_no_workdir(tmp_path):
+  wd = tmp_path / "new" / "run"
+  c = load_config("experiment", "demo,smoke,steps=2")
+  c.data.path = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError):
+    main.run(c, str(wd))
+  assert not (tmp_path / "new").exists()
+
+
+def test_check_config_lists_what_may_change(tmp_path):
+  c = load_config("experiment", "demo,smoke,steps=4")
+  (tmp_path / "config.json").write_text(config_lib.to_json(c))
+  for field, value in (("steps", 8), ("eval_every", 7), ("log_every", 3), ("checkpoint_every", 5)):
+    d = load_config("experiment", f"demo,smoke,steps=4,{field}={value}")
+    workdir_lib.check_config(d, tmp_path)
+  d = load_config("experiment", "demo,smoke,steps=4,optim.lr=1e-5")
+  workdir_lib.check_config(d, tmp_path)  # a lower lr: allowed
+  with pytest.raises(config_lib.ConfigError, match=r"fields \['optim.weight_decay'\]"):
+    workdir_lib.check_config(load_config("experiment", "demo,smoke,steps=4,optim.weight_decay=0.3"), tmp_path)
+
+
+def test_trim_metrics_drops_rows_past_the_resume_step_and_a_cut_line(tmp_path):
+  rows = [{"step": s, "split": "train"} for s in (1, 2, 3, 4)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "spl')
+  workdir_lib.trim_metrics(tmp_path, 2)
+  assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
