@@ -96,15 +96,21 @@ def quarantine(step_dir: pathlib.Path, why: str) -> pathlib.Path:
   return dest
 
 
-def drop_damaged(folder: pathlib.Path, newest_only: bool = True):
-  """Quarantine damaged steps of `folder`, newest first, up to the first intact one (all of them if not newest_only)."""
+def drop_damaged(folder: pathlib.Path) -> int:
+  """Quarantine the damaged steps of `folder`, newest first, up to the first intact one; returns how many moved."""
+  moved = 0
   for step in reversed(_steps(folder)):
     why = damage(folder / str(step))
     if why is None:
-      if newest_only:
-        return
-      continue
+      break
     quarantine(folder / str(step), why)
+    moved += 1
+  return moved
+
+
+def _none_left(folder: pathlib.Path) -> ValueError:
+  return ValueError(f"no intact checkpoint is left in {folder} (the damaged ones are in {folder.parent / DAMAGED}); "
+                    "start over with a new --workdir.")
 
 
 class CheckpointStore:
@@ -113,7 +119,8 @@ class CheckpointStore:
   def __init__(self, workdir: str | pathlib.Path, keep: int = 2, best_mode: str = "max"):
     self.dir = pathlib.Path(workdir).absolute()
     self.keep, self.best_mode = keep, best_mode
-    drop_damaged(self.dir / "checkpoints")
+    if drop_damaged(self.dir / "checkpoints") and not _steps(self.dir / "checkpoints"):
+      raise _none_left(self.dir / "checkpoints")
     drop_damaged(self.dir / "best")
     self._open()
 
@@ -171,8 +178,7 @@ class CheckpointStore:
         self.close()
         quarantine(self.dir / "checkpoints" / str(step), f"restore failed: {type(e).__name__}: {str(e)[:200]}")
         self._open()
-    raise ValueError(f"no intact checkpoint is left in {self.dir / 'checkpoints'} (damaged ones are in "
-                     f"{self.dir / DAMAGED}); start over with a new --workdir.")
+    raise _none_left(self.dir / "checkpoints")
 
   def wait(self):
     self.latest.wait_until_finished()
