@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from tpp_jax.checkpoints import convert as cv  # pylint: disable=wrong-import-position
 from tpp_jax.models.mae import MAEDecoder, random_masking  # pylint: disable=wrong-import-position
 from tpp_jax.models.vit import ViT, ViTConfig  # pylint: disable=wrong-import-position
+from tpp_jax import tree as tree_lib  # pylint: disable=wrong-import-position
 
 TOL = 1e-4
 # (width, depth, heads, mlp_dim, patch) of the two test model sizes; HF models are built at 32 px.
@@ -187,7 +188,7 @@ def test_hf_vit_transformers4_names_give_the_same_tree():
   cfg = our_cfg("w64d2", 32)
   new_tree, _ = cv.convert(sd, cfg)
   old_tree, _ = cv.convert(old, cfg, fmt="hf_vit")
-  flat_new, flat_old = cv._flatten(new_tree), cv._flatten(old_tree)  # pylint: disable=protected-access
+  flat_new, flat_old = tree_lib.flatten(new_tree), tree_lib.flatten(old_tree)
   assert flat_new.keys() == flat_old.keys()
   for k in flat_new:
     np.testing.assert_array_equal(flat_new[k], flat_old[k])

@@ -7,9 +7,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_config, run_cli
-from tpp_jax import config as config_lib, engine, partition
+from tpp_jax import config as config_lib, engine
+from tpp_jax import tree as tree_lib
 from tpp_jax import workdir as workdir_lib
-from tpp_jax.checkpoints import store
 
 
 def _cfg(pneumonia_npz, arg=""):
@@ -83,7 +83,7 @@ def test_target_init_loads_exactly_the_target_leaves(pneumonia_npz, tmp_path):
   n = 0
   for (path, leaf), lab, fr in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                    jax.tree_util.tree_leaves(t.labels), jax.tree_util.tree_leaves(fresh_params)):
-    name = partition.path_str(path)
+    name = tree_lib.path_str(path)
     if lab == "target":
       src = tpp_params
       for k in name.split("/"):
@@ -108,7 +108,7 @@ def test_target_init_with_mismatched_peft_is_one_clear_error(pneumonia_npz, tmp_
 
 def test_finetune_writes_the_contract_files(pneumonia_npz, tmp_path):
   c = _cfg(pneumonia_npz, "steps=10,eval_every=5,data.max_eval_examples=128")
-  s = engine.train(c, tmp_path / "run")
+  engine.train(c, tmp_path / "run")
   for f in ("config.json", "metrics.jsonl", "summary.json"):
     assert (tmp_path / "run" / f).exists(), f
   assert (tmp_path / "run" / "checkpoints" / "10").exists() and (tmp_path / "run" / "best").exists()

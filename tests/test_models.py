@@ -7,6 +7,7 @@ import pytest
 from tpp_jax import partition
 from tpp_jax.models.peft import PeftConfig, merge, reset_dora_magnitudes
 from tpp_jax.models.vit import ViT, ViTConfig
+from tpp_jax import tree as tree_lib
 
 CFG = ViTConfig.from_variant("Mu/8", image_size=32, depth=3)
 X = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
@@ -38,7 +39,7 @@ def _perturb_targets(params, key):
   leaves, tdef = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(key, len(leaves))
   new = [v + 0.05 * jax.random.normal(k, v.shape) if partition.TARGET_RE and
-         __import__("re").search(partition.TARGET_RE, "encoder/" + partition.path_str(p)) else v
+         __import__("re").search(partition.TARGET_RE, "encoder/" + tree_lib.path_str(p)) else v
          for (p, v), k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(tdef, new)
 
@@ -50,7 +51,7 @@ def test_merge_equals_unmerged(kind, rslora):
   params = _perturb_targets(params, jax.random.key(3))
   out = model.apply({"params": params}, X)["tokens"]
   merged = merge(params, peft)
-  flat = partition.flat_paths(merged)
+  flat = tree_lib.leaf_paths(merged)
   assert not any(s in p for p in flat for s in ("lora_", "dora_m", "ssf_")), flat
   ref = ViT(CFG).apply({"params": merged}, X)["tokens"]
   diff = float(jnp.abs(out - ref).max())

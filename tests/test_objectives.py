@@ -18,6 +18,7 @@ import pytest
 from conftest import load_config
 from tpp_jax import engine
 from tpp_jax.objectives.mae import MAEObjective
+from tpp_jax import tree as tree_lib
 
 PEFTS = ("lora", "dora", "adapter", "adaptformer", "vpt", "ssf", "bitfit")
 PRETEXTS = ("mae", "dino")
@@ -42,7 +43,7 @@ def _copy(tree):
 def _leaves(tree, labels):
   """[(path, label, leaf)] in a fixed order."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [(engine.partition.path_str(p), lab, leaf) for (p, leaf), lab in zip(flat, jax.tree_util.tree_leaves(labels))]
+  return [(tree_lib.path_str(p), lab, leaf) for (p, leaf), lab in zip(flat, jax.tree_util.tree_leaves(labels))]
 
 
 def _loss_probe(trainer, batch):

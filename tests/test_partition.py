@@ -9,6 +9,7 @@ from tpp_jax import partition
 from tpp_jax.models.heads import ClassifierHead
 from tpp_jax.models.peft import PeftConfig
 from tpp_jax.models.vit import ViT, ViTConfig
+from tpp_jax import tree as tree_lib
 
 
 def _model(kind, image_size=64, variant="Mu/8"):
@@ -46,7 +47,7 @@ def test_five_steps_on_real_batch_train_only_target_and_head(kind, pneumonia_npz
   n_target = 0
   for (path, a), b, lab in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(new),
                                jax.tree_util.tree_leaves(labels)):
-    name = partition.path_str(path)
+    name = tree_lib.path_str(path)
     if lab == "frozen":
       assert np.array_equal(np.asarray(a), np.asarray(b)), f"frozen leaf {name} changed"
     else:
@@ -69,7 +70,7 @@ def test_bitfit_labels_biases_only():
   enc = _model("bitfit")
   params = {"encoder": enc.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)))["params"]}
   labels = partition.label_tree(params, partition.default_rules("finetune", "bitfit"))
-  for path, lab in zip(partition.flat_paths(params), jax.tree_util.tree_leaves(labels)):
+  for path, lab in zip(tree_lib.leaf_paths(params), jax.tree_util.tree_leaves(labels)):
     assert (lab == "target") == path.endswith("/bias"), path
 
 

@@ -31,6 +31,7 @@ from tpp_jax.models.vit import ViT, ViTConfig
 from tpp_jax.objectives.contrastive import ContrastiveObjective, nt_xent
 from tpp_jax.objectives.dino import DINOObjective, resize_pos_embed
 from tpp_jax.objectives.mae import MAEObjective
+from tpp_jax import tree as tree_lib
 
 SIZE, PATCH, BATCH, STEPS, LR = 32, 8, 16, 40, 1e-2
 OBJECTIVES = {"mae": MAEObjective, "dino": DINOObjective, "contrastive": ContrastiveObjective}
@@ -132,7 +133,7 @@ def _fit(stepper, params, aux, labels, train_target=True, steps=STEPS):
 
 def _leaves(tree, labels):
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [(partition.path_str(p), lab, np.asarray(x)) for (p, x), lab in zip(flat, jax.tree_util.tree_leaves(labels))]
+  return [(tree_lib.path_str(p), lab, np.asarray(x)) for (p, x), lab in zip(flat, jax.tree_util.tree_leaves(labels))]
 
 
 # LoRA for every pretext, Houlsby adapters for one more (each case is one ~10 s compilation on 2 shared cores)

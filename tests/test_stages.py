@@ -13,6 +13,7 @@ from tpp_jax import engine, partition, pipeline, stages
 from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store
 from tpp_jax.objectives import make_objective
+from tpp_jax import tree as tree_lib
 
 TRAINING = [n for n, s in stages.STAGES.items() if s.trains]
 OBJECTIVE_PARAMS = {"mae": "decoder", "dino": "dino_head", "contrastive": "proj_head", "classification": "head",
@@ -29,7 +30,7 @@ def _labels_by_top(labels):
   """{top-level key: set of labels}; the encoder's PEFT leaves and fixed sin-cos pos-embs apart."""
   out = {}
   for (path, lab) in jax.tree_util.tree_flatten_with_path(labels)[0]:
-    p = partition.path_str(path)
+    p = tree_lib.path_str(path)
     key = p.split("/")[0]
     if key == "encoder" and re.search(stages.TARGET_RE, p):
       key = "encoder:peft"
@@ -87,7 +88,7 @@ def test_bitfit_and_train_extra_follow_the_table():
   with c.unlocked():
     c.train_extra = (r"^encoder/norm/",)
   built = engine.build(c, devices=jax.devices()[:1])
-  flat = {partition.path_str(p): lab for p, lab in jax.tree_util.tree_flatten_with_path(built.labels)[0]}
+  flat = {tree_lib.path_str(p): lab for p, lab in jax.tree_util.tree_flatten_with_path(built.labels)[0]}
   assert flat["encoder/blocks_0/attn/q/bias"] == "target" and flat["encoder/norm/scale"] == "target"
   assert flat["encoder/blocks_0/attn/q/kernel"] == "frozen"
   lin = engine.build(_config("linear", "peft.type=bitfit"), devices=jax.devices()[:1])

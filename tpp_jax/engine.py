@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import time
 from typing import Any
 
@@ -31,10 +32,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tpp_jax import config as config_lib
 from tpp_jax import partition
 from tpp_jax import stages as stages_lib
+from tpp_jax import tree as tree_lib
 from tpp_jax import workdir as workdir_lib
 from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
-from tpp_jax.logging_utils import read_json
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
 from tpp_jax.models.peft import PeftConfig
@@ -125,7 +126,7 @@ def make_tx(config, labels):
   if decay == 1.0:
     return tx, schedule
   import re
-  keys = lambda path: [str(getattr(k, "key", k)) for k in path]
+  keys = lambda path: tree_lib.path_str(path).split("/")
   flat = jax.tree_util.tree_flatten_with_path(labels)[0]
   blocks = {int(m.group(1)) for p, _ in flat for k in [keys(p)]
             if len(k) > 1 and k[0] == "encoder" and (m := re.fullmatch(r"blocks_(\d+)", k[1]))}
@@ -264,13 +265,18 @@ def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding):
 # ------------------------------------------------------------------------------------------------
 
 def build_sources(config) -> dict:
-  """{split: source} of config.data, with the max_train_examples / max_eval_examples subsets."""
-  num_classes = int(config.task.num_classes) if stages_lib.get(config.stage).needs_labels else None
+  """{split: source} of config.data, with the max_train_examples / max_eval_examples subsets; a stage that needs
+  labels trains on the stratified data.label_fraction of the train split (seeded by config.seed)."""
+  needs_labels = stages_lib.get(config.stage).needs_labels
+  num_classes = int(config.task.num_classes) if needs_labels else None
   sources = data_pipeline.build_sources(config.data, num_classes=num_classes)
   if "train" not in sources:
     raise ConfigError(f"data source {config.data.source!r} at {config.data.path!r} has no 'train' split.")
   if config.data.max_train_examples:
     sources["train"] = data_pipeline.random_subset(sources["train"], int(config.data.max_train_examples))
+  fraction = float(config.data.get("label_fraction", 1.0))
+  if needs_labels and fraction < 1.0:
+    sources["train"] = data_pipeline.stratified_subset(sources["train"], fraction, int(config.seed))
   if config.data.max_eval_examples:
     for s in list(sources):
       if s != "train":
@@ -310,6 +316,9 @@ class Trainer:
     self.local_batch = int(config.batch_size) // n_proc
     self.local_eval_batch = int(config.eval_batch_size) // n_proc
     self.sources, self.train_fn, self.eval_fn = build_data(config, self.objective)  # (c)
+    for line in data_pipeline.check_eval_splits(self.sources, config.eval_splits, f"data.path={config.data.path}",
+                                                needs_eval=self.stage.needs_labels):
+      print(line, file=sys.stderr)
     self.load()  # (b)
 
   def load(self):
@@ -358,8 +367,9 @@ class Trainer:
   def _loop(self) -> dict:
     c, wd = self.config, self.workdir
     is_main = jax.process_index() == 0
-    if is_main:
-      (wd / "config.json").write_text(config_lib.to_json(c))
+    if is_main:  # whole or not at all: the other hosts of a multi-host run may be reading it (check_config)
+      (wd / "config.json.tmp").write_text(config_lib.to_json(c))
+      (wd / "config.json.tmp").replace(wd / "config.json")
     store = store_lib.CheckpointStore(wd, keep=int(c.keep_checkpoints), best_mode=self.best_mode)
     it = self.train_iterator()
     start = 0
@@ -442,6 +452,7 @@ class Trainer:
         "init": self.init_source, "target_init": self.target_init,
         "final": final, "best": best,
         "images_per_sec": images_per_sec, "wall_time_s": time.time() - t_start,
+        "data": {"train_examples": len(self.sources["train"])},  # after max_train_examples / label_fraction
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
     }
     if is_main:

@@ -18,20 +18,13 @@ import numpy as np
 import optax
 
 from tpp_jax import stages as stages_lib
+from tpp_jax import tree as tree_lib
 from tpp_jax.stages import FIXED_POS_RE, TARGET_RE  # noqa: F401 (re-exported)
 
 LABELS = ("frozen", "target", "head", "backbone")
 STAGES_TRAIN = tuple(n for n, s in stages_lib.STAGES.items() if s.trains)  # the built-in ones; see stages.STAGES
 
 Rules = Sequence[tuple[str, str]]
-
-
-def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def flat_paths(tree) -> list[str]:
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def default_rules(stage: str, peft_type: str = "none", fixed_pos_emb: bool = False,
@@ -52,7 +45,7 @@ def label_tree(params, rules: Rules):
       raise ValueError(f"Partition label {lab!r} is not one of {LABELS}.")
 
   def label(path, _):
-    p = path_str(path)
+    p = tree_lib.path_str(path)
     for rx, lab in compiled:
       if rx.search(p):
         return lab

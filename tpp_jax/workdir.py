@@ -25,6 +25,7 @@ import time
 
 from tpp_jax import config as config_lib
 from tpp_jax.logging_utils import read_json
+from tpp_jax.tree import flatten
 
 ConfigError = config_lib.ConfigError
 
@@ -47,16 +48,6 @@ class WorkdirBusy(ConfigError):
 
 _HELD: dict[str, list] = {}  # lock path -> [fd, depth]: a process re-entering its own lock (pipeline -> arm)
 _HELD_LOCK = threading.Lock()
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _holder(text: str) -> dict:
@@ -174,8 +165,8 @@ def check_config(config, workdir):
   cfg_file = wd / "config.json"
   if not cfg_file.exists():
     return
-  old = _flatten(config_lib.with_defaults(read_json(cfg_file)))  # a run saved before a field existed: its default
-  new = _flatten(json.loads(config_lib.to_json(config)))
+  old = flatten(config_lib.with_defaults(read_json(cfg_file)), sep=".")  # a field added since: its default
+  new = flatten(json.loads(config_lib.to_json(config)), sep=".")
   diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
   if diff:
     raise ConfigError(f"--workdir {wd} already holds a run with a different config (fields {diff}). Use a new "

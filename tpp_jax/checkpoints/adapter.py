@@ -28,7 +28,7 @@ import numpy as np
 
 from tpp_jax import config as config_lib
 from tpp_jax.checkpoints.hf_export import flatten
-from tpp_jax.checkpoints.store import unflatten
+from tpp_jax.tree import unflatten
 from tpp_jax.logging_utils import read_json
 
 ConfigError = config_lib.ConfigError
@@ -138,11 +138,9 @@ def hf_weights(init_path: str) -> pathlib.Path | None:
 def weight_names(weights: pathlib.Path) -> list[str]:
   if weights.name.endswith(".index.json"):
     return list(read_json(weights, require_object=True).get("weight_map", {}))
-  if weights.suffix == ".safetensors":
-    from safetensors import safe_open
-    with safe_open(str(weights), "np") as f:
-      return list(f.keys())
   from tpp_jax.checkpoints import convert
+  if weights.suffix == ".safetensors":
+    return convert.safetensors_keys(weights)
   return list(convert.load_state_dict(weights))
 
 

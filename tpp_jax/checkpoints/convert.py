@@ -30,16 +30,19 @@ import functools
 import math
 import pathlib
 import re
-from typing import Any, Mapping
+import zipfile
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from tpp_jax.checkpoints import store
+from tpp_jax import tree as tree_lib
 from tpp_jax.models.vit import VARIANTS, ViTConfig
 
 FORMATS = ("timm", "hf_vit", "hf_vit_mae", "hf_dinov2", "big_vision")
 _PREFIXES = re.compile(r"^(?:(?:module|backbone|_orig_mod)\.|params/)+")  # DDP, DINO, torch.compile, big_vision
 _WRAPPERS = ("model", "state_dict", "teacher")
+REDOWNLOAD = "download it again"  # the fix for a truncated / corrupt checkpoint file
+TORCH_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu (the CPU wheel is enough)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,20 +67,70 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   if suffix in (".pth", ".pt", ".bin"):
     raw = _load_torch(path)
   elif suffix == ".safetensors":
-    import safetensors.numpy  # pylint: disable=import-outside-toplevel
-    raw = safetensors.numpy.load_file(str(path))
+    raw = read_safetensors(path)
   elif suffix == ".npz":
-    with np.load(path, allow_pickle=False) as z:
-      raw = {k: z[k] for k in z.files}
+    from tpp_jax.data import sources  # pylint: disable=import-outside-toplevel
+    with sources.open_npz(path, "init.path", REDOWNLOAD) as z:
+      raw = {k: sources.read_npz_member(z, k, path, "init.path", REDOWNLOAD) for k in z.files}
   else:
     raise ValueError(f"init.path={str(path)!r}: unknown checkpoint extension {suffix!r}; "
                      "expected .pth/.pt/.bin, .safetensors or .npz.")
   return _clean(raw)
 
 
+def safetensors_keys(path: str | pathlib.Path) -> list[str]:
+  """Tensor names of a .safetensors file (header only); a file that is not one -> ValueError naming it."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  try:
+    with safe_open(str(path), "np") as f:
+      return list(f.keys())
+  except Exception as e:  # noqa: BLE001 - SafetensorError (truncated / corrupt header) or OSError
+    raise _not_safetensors(path, e) from None
+
+
+def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """safetensors.numpy.load_file; a truncated or corrupt file -> one ValueError naming it and the fix."""
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  try:
+    return safetensors.numpy.load_file(str(path))
+  except Exception as e:  # noqa: BLE001 - SafetensorError is not an exception class to import by a stable name
+    raise _not_safetensors(path, e) from None
+
+
+def _not_safetensors(path, e: Exception) -> ValueError:
+  reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return ValueError(f"init.path {path} is not a readable safetensors file (truncated or corrupt: {reason}); "
+                    f"{REDOWNLOAD}.")
+
+
 def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
-  import torch  # pylint: disable=import-outside-toplevel  (only .pth needs torch)
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel  (only .pth needs torch)
+  except ImportError:
+    raise ValueError(f"init.path {path} is a PyTorch checkpoint and torch, which reads it, is not installed: "
+                     f"{TORCH_INSTALL}; or convert it to .safetensors where torch is installed "
+                     "(safetensors.torch.save_file(state_dict, 'X.safetensors')) and set init.path to that "
+                     "file.") from None
+  with open(path, "rb") as f:
+    zipped = f.read(4) == b"PK\x03\x04"  # torch >= 1.6 writes a zip archive
+  if zipped and not zipfile.is_zipfile(path):
+    raise ValueError(f"init.path {path} is not a readable PyTorch checkpoint (truncated: a zip archive cut short); "
+                     f"{REDOWNLOAD}.")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except (FileNotFoundError, MemoryError):
+    raise
+  except Exception as e:  # noqa: BLE001 - RuntimeError / UnpicklingError / OSError: torch names no common base
+    text = str(e).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+      raise ValueError(f"init.path {path} holds Python objects besides tensors ({refused.group(1)}) that "
+                       "torch.load(weights_only=True) refuses; save just its state dict (torch.save(ckpt['model'], "
+                       "'X.pth')) or convert it to .safetensors.") from None
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # garbage where the pickle should be
+    reason = (detail.group(1) if detail else text.splitlines()[0] if text else type(e).__name__).strip()
+    raise ValueError(f"init.path {path} is not a readable PyTorch checkpoint (truncated or corrupt: {reason}); "
+                     f"{REDOWNLOAD}.") from None
   while isinstance(obj, Mapping):
     inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
     if inner is None:
@@ -298,7 +351,7 @@ def resample_pos_embed(pos: np.ndarray, grid: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 def convert(state_dict: Mapping[str, Any], vit_cfg: ViTConfig, fmt: str = "auto",
-            want_decoder: bool | None = None) -> tuple[dict, dict | None]:
+            want_decoder: bool | None = None, source: str = "the checkpoint") -> tuple[dict, dict | None]:
   """Maps a flat checkpoint onto our ViT (and MAE decoder) parameter trees.
 
   Args:
@@ -307,6 +360,7 @@ def convert(state_dict: Mapping[str, Any], vit_cfg: ViTConfig, fmt: str = "auto"
     fmt: one of FORMATS or 'auto' (`detect_format`).
     want_decoder: None: convert an MAE decoder when the checkpoint has one; False: ignore it;
       True: require one.
+    source: names the file in errors (e.g. 'init.path /x/model.safetensors').
 
   Returns:
     (encoder_params, decoder_params or None): nested dicts of float32 numpy arrays, the encoder
@@ -317,7 +371,8 @@ def convert(state_dict: Mapping[str, Any], vit_cfg: ViTConfig, fmt: str = "auto"
     are dropped.
 
   Raises:
-    ValueError: one message listing every missing / unexpected key and shape mismatch, with a fix.
+    ValueError: one message listing every missing / unexpected key and shape mismatch, with a fix; or
+      naming the tensors that hold NaN / Inf (a corrupt file).
   """
   sd = _clean(state_dict)
   fmt = detect_format(sd) if fmt == "auto" else fmt
@@ -355,7 +410,18 @@ def convert(state_dict: Mapping[str, Any], vit_cfg: ViTConfig, fmt: str = "auto"
   unexpected += left
   if missing or unexpected or mismatched:
     raise ValueError(_report(vit_cfg, fmt, arch, missing, unexpected, mismatched))
+  check_finite([(src, v) for v, src in [*enc.values(), *dec.values()]], source)
   return _nest(enc), (_nest(dec) if use_dec else None)
+
+
+def check_finite(named: Iterable[tuple[str, Any]], source: str):
+  """Raises one ValueError naming `source` and the first tensors that hold NaN / Inf (flipped bytes: the
+  file is corrupt; training from it would end in NaN)."""
+  bad = list(dict.fromkeys(name for name, v in named if not np.isfinite(np.asarray(v)).all()))
+  if bad:
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    raise ValueError(f"{source} holds NaN/Inf values in {len(bad)} tensor(s) ({shown}): the file is corrupt; "
+                     f"{REDOWNLOAD}.")
 
 
 def _check(flat, expected, what):
@@ -389,7 +455,7 @@ def infer_decoder_config(decoder_params: Mapping[str, Any], heads: int = 16, ln_
   """MAEDecoderConfig matching converted decoder weights (heads and eps are not in the weights:
   MAE official and HF ViTMAE use 16 heads, eps 1e-6 and 1e-12)."""
   from tpp_jax.models.mae import MAEDecoderConfig  # pylint: disable=import-outside-toplevel
-  flat = {k: np.shape(v) for k, v in _flatten(decoder_params).items()}
+  flat = {k: np.shape(v) for k, v in tree_lib.flatten(decoder_params).items()}
   width = flat.get("embed/kernel", (0, 128))[1]
   depth = len({k.split("/")[0] for k in flat if k.startswith("blocks_")})
   mlp = flat.get("blocks_0/mlp/fc1/kernel", (0, 4 * width))[1]
@@ -449,16 +515,12 @@ def _report(cfg: ViTConfig, fmt: str, arch: dict, missing, unexpected, mismatche
 
 
 def _flat_shapes(tree, prefix=""):
-  return {k: tuple(v.shape) for k, v in _flatten(tree, prefix).items()}
-
-
-def _flatten(tree, prefix=""):
-  return store.flatten(tree, prefix)
+  return {k: tuple(v.shape) for k, v in tree_lib.flatten(tree, prefix).items()}
 
 
 def _nest(flat: dict) -> dict:
   """{path: (array, checkpoint name)} -> nested float32 tree."""
-  return store.unflatten({k: np.ascontiguousarray(v, dtype=np.float32) for k, (v, _) in flat.items()})
+  return tree_lib.unflatten({k: np.ascontiguousarray(v, dtype=np.float32) for k, (v, _) in flat.items()})
 
 
 def load_pretrained(path: str | pathlib.Path, vit_cfg: ViTConfig, fmt: str = "auto",
@@ -471,4 +533,4 @@ def load_pretrained(path: str | pathlib.Path, vit_cfg: ViTConfig, fmt: str = "au
   if not path.exists():
     raise FileNotFoundError(f"Pre-trained checkpoint {str(path)!r} (config field init.path) does not exist; "
                             "fix init.path or set it to '' to start from random weights.")
-  return convert(load_state_dict(path), vit_cfg, fmt, want_decoder=want_decoder)
+  return convert(load_state_dict(path), vit_cfg, fmt, want_decoder=want_decoder, source=f"init.path {path}")

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tpp_jax.checkpoints import store
+from tpp_jax import tree as tree_lib
 
 # our module inside a block -> HF module (kind: dense | norm)
 _BLOCK = {
@@ -33,8 +33,8 @@ class NotAViTModel(ValueError):
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-  """store.flatten with float32 leaves."""
-  return {k: np.asarray(v, np.float32) for k, v in store.flatten(tree, prefix).items()}
+  """tree.flatten with float32 leaves."""
+  return {k: np.asarray(v, np.float32) for k, v in tree_lib.flatten(tree, prefix).items()}
 
 
 def vit_state_dict(encoder_params: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from tpp_jax import config as config_lib
 from tpp_jax import stages as stages_lib
+from tpp_jax import tree as tree_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.logging_utils import read_json
 from tpp_jax.models.peft import reset_dora_magnitudes
@@ -57,9 +58,8 @@ def wants_decoder(config) -> bool:
 def is_flat_tpp_file(p: pathlib.Path) -> bool:
   if p.suffix != ".safetensors":
     return False
-  from safetensors import safe_open
-  with safe_open(str(p), "np") as f:
-    return any(k.startswith("encoder/") for k in f.keys())
+  from tpp_jax.checkpoints import convert
+  return any(k.startswith("encoder/") for k in convert.safetensors_keys(p))
 
 
 def hf_weights_file(folder: pathlib.Path) -> pathlib.Path | None:
@@ -128,29 +128,33 @@ def load_backbone(config, encoder) -> tuple[dict | None, dict | None, str]:
     raise FileNotFoundError(f"init.path={path!r} is a folder with neither Hugging Face weights "
                             f"({', '.join(HF_WEIGHTS)}) nor a tpp_jax run (checkpoints/); point it at the "
                             "checkpoint file instead.")
+  from tpp_jax.checkpoints import convert
   if weights is None and (p.is_dir() or fmt == "tpp" or is_flat_tpp_file(p)):
     enc, dec = store_lib.load_backbone_tpp(p)
-    return enc, (dec if want else None), f"tpp_jax weights {p}"
+    dec = dec if want else None
+    trees = {"encoder": enc, **({"decoder": dec} if dec is not None else {})}
+    convert.check_finite(tree_lib.flatten(trees).items(), f"init.path {p}")
+    return enc, dec, f"tpp_jax weights {p}"
   weights = weights or p
-  from tpp_jax.checkpoints import convert
   if weights.suffix in (".safetensors", ".json") or weights.name == "pytorch_model.bin":
     check_hf_config(config, weights, want)
   sd = _read_state_dict(weights)
   fmt = convert.detect_format(sd) if fmt == "auto" else fmt
-  enc, dec = convert.convert(sd, encoder.cfg, fmt, want_decoder=None if want else False)
+  enc, dec = convert.convert(sd, encoder.cfg, fmt, want_decoder=None if want else False,
+                             source=f"init.path {weights}")
   return enc, dec, f"{fmt} checkpoint {weights}"
 
 
 def load_decoder(config, template: dict, loaded: dict) -> dict:
   """The checkpoint's MAE decoder, all of it, or one error: a half-loaded decoder is never used silently."""
-  from tpp_jax.partition import flat_paths
-  missing = sorted(set(flat_paths(template)) - set(flat_paths(loaded)))
+  from tpp_jax.tree import leaf_paths
+  missing = sorted(set(leaf_paths(template)) - set(leaf_paths(loaded)))
   p = config.pretext
   fix = (f"Set pretext.decoder_width/decoder_depth/decoder_heads/decoder_mlp_dim to the checkpoint's decoder "
          f"(now {p.decoder_width}/{p.decoder_depth}/{p.decoder_heads}/{p.decoder_mlp_dim}), or "
          "--config.init.load_decoder=False to train a new decoder from random init.")
   if missing:
-    have = flat_paths(loaded)
+    have = leaf_paths(loaded)
     blocks = len({k.split("/")[0] for k in have if k.startswith("blocks_")})
     width = np.shape(loaded.get("embed", {}).get("kernel", ()))[-1:] or ("?",)
     raise ConfigError(f"The MAE decoder in init.path={config.init.path!r} does not fit the configured one: the "

@@ -16,11 +16,12 @@ import json
 import pathlib
 import shutil
 import sys
-from typing import Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from tpp_jax.tree import flatten, leaf_paths, path_str, unflatten
 
 
 CHECKSUMS = "tpp_checksums.json"
@@ -211,24 +212,20 @@ def load_subtree(workdir: str | pathlib.Path, subtree: dict, prefer_best: bool =
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
   except (ValueError, KeyError) as e:
     raise ValueError(f"Checkpoint {folder}/{step} does not hold the requested parameters "
-                     f"({_leaf_names(subtree)[:5]}...): {e}. Does its peft config match this run's?") from None
+                     f"({leaf_paths(subtree)[:5]}...): {e}. Does its peft config match this run's?") from None
   got = r["state"]["params"]
   _check_same_structure(subtree, got, folder / str(step))
   mngr.close()
   return got, step
 
 
-def _leaf_names(tree) -> list[str]:
-  return ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _check_same_structure(want, got, where):
-  w, g = set(_leaf_names(want)), set(_leaf_names(got))
+  w, g = set(leaf_paths(want)), set(leaf_paths(got))
   if w != g:
     raise ValueError(f"{where}: missing {sorted(w - g)[:10]}, unexpected {sorted(g - w)[:10]}.")
   for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree_util.tree_leaves(got)):
     if np.shape(a) != np.shape(b):
-      raise ValueError(f"{where}: {'/'.join(str(getattr(k, 'key', k)) for k in p)} has shape {np.shape(b)} "
+      raise ValueError(f"{where}: {path_str(p)} has shape {np.shape(b)} "
                        f"in the checkpoint but {np.shape(a)} in this model; the peft config (rank, targets, "
                        "num_prompts, ...) must match the TPP run's.")
 
@@ -236,29 +233,6 @@ def _check_same_structure(want, got, where):
 # ------------------------------------------------------------------------------------------------
 # tpp_jax's own flat weight files (the shipped house backbone) and pretrain workdirs as init.
 # ------------------------------------------------------------------------------------------------
-
-def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
-  """Nested dict -> {'a/b/c': leaf} (leaves as they are); the inverse of `unflatten`."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for k, v in flat.items():
-    node = tree
-    *parents, leaf = k.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
 
 def save_flat(path, tree: dict, dtype=np.float16, metadata: dict | None = None):
   """Save a nested param dict as safetensors with '/'-joined names (fp16 by default: half the size)."""

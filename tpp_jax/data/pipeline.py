@@ -23,7 +23,7 @@ Record = dict[str, Any]
 Transform = Callable[[Record, np.random.Generator], Record]
 
 __all__ = ['train_iter', 'eval_batches', 'build_sources', 'class_weights',
-           'balanced_probabilities']
+           'balanced_probabilities', 'check_eval_splits']
 
 
 class _RandomMap(grain.transforms.RandomMap):
@@ -93,6 +93,47 @@ def random_subset(source: Any, n: int) -> _Subset:
   quick runs keep the class balance), in source order."""
   n = min(int(n), len(source))
   return _Subset(source, np.sort(np.random.default_rng(0).permutation(len(source))[:n]))
+
+
+def stratified_indices(labels: np.ndarray, fraction: float,
+                       seed: int) -> np.ndarray:
+  """Sorted indices of a stratified ``fraction`` of ``labels`` (see
+  ``stratified_subset``)."""
+  fraction = float(fraction)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'data.label_fraction={fraction} must be in (0, 1] '
+                     '(e.g. 0.05 for 5% of the training labels).')
+  labels = np.asarray(labels, np.int64)
+  classes, inverse = np.unique(labels, return_inverse=True)
+  counts = np.bincount(inverse, minlength=len(classes))
+  exact = fraction * counts
+  take = np.floor(exact).astype(np.int64)
+  # Largest remainder: the total is round(fraction * N), each class within 1
+  # of its exact share; then at least one example per class.
+  extra = int(math.floor(fraction * len(labels) + 0.5)) - int(take.sum())
+  order = np.argsort(-(exact - take), kind='stable')
+  take[order[:max(extra, 0)]] += 1
+  take = np.maximum(take, 1)
+  rng = np.random.default_rng(int(seed))
+  # One permutation per class, drawn in class order whatever the fraction:
+  # the subsets of one seed are nested (5% inside 20% inside 100%).
+  picked = [rng.permutation(np.flatnonzero(inverse == k))[:take[k]]
+            for k in range(len(classes))]
+  return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def stratified_subset(source: Any, fraction: float, seed: int) -> _Subset:
+  """A labelled ``fraction`` of ``source``, stratified by class, in source
+  order: per class ``fraction`` of its examples (within 1, the total
+  ``round(fraction * N)``) and at least one. The same (fraction, seed) gives
+  the same examples; one seed's subsets are nested across fractions.
+  Segmentation sources (no class labels) get a plain random fraction (at
+  least one image)."""
+  if getattr(source, 'task', None) == sources_lib.SEGMENTATION:
+    labels = np.zeros(len(source), np.int64)
+  else:
+    labels = sources_lib.source_labels(source)
+  return _Subset(source, stratified_indices(labels, fraction, seed))
 
 
 def _shard_indices(n: int, shard_index: int, shard_count: int) -> np.ndarray:
@@ -229,6 +270,41 @@ def eval_batches(source: Any, transform: Transform, batch_size: int,
   yield from ds
 
 
+def check_eval_splits(sources: dict[str, Any], eval_splits: Any, where: str,
+                      needs_eval: bool) -> list[str]:
+  """Warning lines for the ``eval_splits`` that ``sources`` lacks.
+
+  Args:
+    sources: ``{split: source}`` (e.g. from ``build_sources``).
+    eval_splits: the ``eval_splits`` config field (a tuple, or 'val,test').
+    where: names the data in messages (e.g. 'data.path=/x.npz').
+    needs_eval: the run reports final metrics, so at least one split must be
+      there.
+
+  Returns:
+    One ``warning: ...`` line per missing split (empty when all are there).
+
+  Raises:
+    ValueError: none of ``eval_splits`` is in the data and ``needs_eval``.
+  """
+  if isinstance(eval_splits, str):
+    eval_splits = [s.strip() for s in eval_splits.split(',') if s.strip()]
+  wanted = list(dict.fromkeys(str(s) for s in eval_splits or ()))
+  missing = [s for s in wanted if s not in sources]
+  if needs_eval and wanted and len(missing) == len(wanted):
+    have = sorted(sources)
+    held_out = [s for s in have if s != 'train']
+    fix = (f"--config.eval_splits=\"{tuple(held_out)!r}\""
+           if held_out else "--config.eval_splits=\"()\" (no final metrics)")
+    raise ValueError(
+        f'{where} has none of eval_splits={wanted} (its splits: {have}), so '
+        'the final metrics would be empty. Add a '
+        f'{" / ".join(repr(s) for s in wanted)} split to the data or set '
+        f'{fix}.')
+  return [f"warning: {where} has no {s!r} split; eval_splits asks for it, so "
+          'final metrics skip it' for s in missing]
+
+
 def _tfds_splits(cfg: config_lib.DataConfig) -> dict[str, str]:
   if cfg.tfds_splits:
     return dict(cfg.tfds_splits)
@@ -269,12 +345,8 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
     if p.is_dir():
       raise ValueError(f'data.path: {p} is a folder; data.source=npz needs a '
                        '.npz file.')
-    try:
-      with np.load(p, allow_pickle=False) as npz:
-        keys = set(npz.files)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'data.path: {p} is not a readable .npz file ({e}).'
-                       ) from e
+    with sources_lib.open_npz(p, 'data.path') as npz:
+      keys = set(npz.files)
     splits = [s for s in ('train', 'val', 'test')
               if f'{s}_images' in keys and f'{s}_labels' in keys]
     if not splits:

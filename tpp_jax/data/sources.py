@@ -26,6 +26,7 @@ import struct
 import tempfile
 import weakref
 import zipfile
+import zlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -42,7 +43,7 @@ SHARE_BYTES = 32 << 20
 __all__ = [
     'NpzSource', 'SegFolderSource', 'ClassFolderSource', 'TfdsSource',
     'JpegNpzSource', 'ImageStore', 'source_labels', 'check_path',
-    'IMAGE_EXTENSIONS',
+    'open_npz', 'read_npz_member', 'IMAGE_EXTENSIONS',
 ]
 
 
@@ -119,6 +120,12 @@ class _Column:
     self.__dict__.update(state)
 
 
+def _threads() -> int:
+  """Decoding threads: the usable cores, at most 8."""
+  return min(8, len(os.sched_getaffinity(0)) if hasattr(
+      os, 'sched_getaffinity') else (os.cpu_count() or 1))
+
+
 class ImageStore:
   """Decoded uint8 arrays of one split (keys e.g. 'image', 'mask').
 
@@ -154,8 +161,7 @@ class ImageStore:
           else:
             odd[k][i] = a
 
-    threads = threads or min(8, len(os.sched_getaffinity(0)) if hasattr(
-        os, 'sched_getaffinity') else (os.cpu_count() or 1))
+    threads = threads or _threads()
     step = max(1, min(512, -(-n // (4 * threads))))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       futures = [pool.submit(fill, lo, min(lo + step, n))
@@ -252,6 +258,55 @@ def check_path(path: os.PathLike | str | None, field: str,
   return p
 
 
+NPZ_FIX = 'download it again or re-create it with np.savez'
+
+
+def open_npz(path: pathlib.Path, field: str = 'data.path',
+             fix: str = NPZ_FIX) -> Any:
+  """``np.load(path, allow_pickle=False)`` of an .npz file.
+
+  A file that is not a zip archive (random bytes, a cut-short download, an
+  .npy / pickle renamed .npz) raises one ValueError naming it and ``fix``
+  (np.load would call it 'pickled data').
+  """
+  path = pathlib.Path(path)
+  try:
+    is_zip = zipfile.is_zipfile(path)
+    with open(path, 'rb') as f:
+      head = f.read(6)
+  except OSError as e:
+    raise ValueError(f'{field}: {path} cannot be read ({e}).') from None
+  if not is_zip:
+    why = ('a zip archive cut short: truncated' if head[:4] == b'PK\x03\x04'
+           else 'an .npy file, not an .npz' if head == b'\x93NUMPY'
+           else 'not a zip archive')
+    raise ValueError(f'{field}: {path} is not a valid .npz file ({why}); '
+                     f'{fix}.')
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f'{field}: {path} is not a readable .npz file ({e}); '
+                     f'{fix}.') from None
+
+
+def read_npz_member(npz: Any, key: str, path: pathlib.Path,
+                    field: str = 'data.path', fix: str = NPZ_FIX
+                    ) -> np.ndarray:
+  """``npz[key]``; a corrupt member or object data -> ValueError naming it."""
+  try:
+    return npz[key]
+  except ValueError as e:
+    if 'pickle' in str(e):  # object arrays
+      raise ValueError(f'{field}: {path} [{key}] holds Python objects that '
+                       f'need pickle ({e}); save it as a plain numeric array.'
+                       ) from None
+    raise ValueError(f'{field}: {path} [{key}] is corrupt ({e}); {fix}.'
+                     ) from None
+  except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise ValueError(f'{field}: {path} [{key}] is corrupt ({e}); {fix}.'
+                     ) from None
+
+
 def _as_hwc(image: np.ndarray, where: str) -> np.ndarray:
   """(H, W) or (H, W, C) with C in {1, 3} -> (H, W, C) uint8."""
   image = np.asarray(image)
@@ -292,8 +347,39 @@ def _pil_to_array(img: Image.Image, where: str) -> np.ndarray:
   return _as_hwc(np.asarray(img), where)
 
 
-def _decode_image(path: pathlib.Path) -> np.ndarray:
-  with Image.open(path) as img:
+# What PIL raises for a file it cannot decode (UnidentifiedImageError and
+# 'image file is truncated' are OSErrors).
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
+               Image.DecompressionBombError)
+
+
+def _open_image(path: pathlib.Path, what: str = 'image',
+                fix: str = 'replace it or delete it', load: bool = True
+                ) -> Image.Image:
+  """``Image.open`` (+ full decode with ``load``); a bad file -> ValueError.
+
+  The message names the file and the fix; a missing file stays a
+  FileNotFoundError.
+  """
+  img = None
+  try:
+    img = Image.open(path)
+    if load:
+      img.load()
+    return img
+  except FileNotFoundError:
+    raise
+  except _PIL_ERRORS as e:
+    if img is not None:
+      img.close()
+    reason = str(e).replace(f"'{path}'", '').strip() or type(e).__name__
+    raise ValueError(f'{what} {path} cannot be decoded, the file is '
+                     f'truncated or corrupt ({reason}); {fix}.') from None
+
+
+def _decode_image(path: pathlib.Path, fix: str = 'replace it or delete it'
+                  ) -> np.ndarray:
+  with _open_image(path, fix=fix) as img:
     return _pil_to_array(img, str(path))
 
 
@@ -384,12 +470,7 @@ class NpzSource(_Base):
                        '.npz file (use data.source=seg_folder / class_folder '
                        'for folders).')
     self.path, self.split = p, split
-    try:
-      npz = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-      raise ValueError(
-          f'{field}: {p} is not a readable .npz file ({e}).') from e
-    with npz:
+    with open_npz(p, field) as npz:
       keys = set(npz.files)
       splits = sorted(k[:-len('_images')] for k in keys
                       if k.endswith('_images') and
@@ -400,18 +481,18 @@ class NpzSource(_Base):
               f'{field}: {p} has no key {key!r} (keys: {sorted(keys)}). A '
               "MedMNIST-style npz needs '{split}_images' and '{split}_labels';"
               f' splits available: {splits}.')
-      member = None if mode == 'on' else _stored_npy(p, f'{split}_images')
+      try:
+        member = None if mode == 'on' else _stored_npy(p, f'{split}_images')
+      except (ValueError, OSError, EOFError, struct.error) as e:
+        raise ValueError(f'{field}: {p} [{split}_images] is corrupt ({e}); '
+                         f'{NPZ_FIX}.') from None
       if member is not None and (
           member[2] != np.uint8 or
           mode == 'auto' and np.prod(member[1]) <= config_lib.CACHE_BUDGET):
         member = None
-      try:
-        images = None if member else npz[f'{split}_images']
-        labels = npz[f'{split}_labels']
-      except ValueError as e:  # object arrays need pickle
-        raise ValueError(f'{field}: {p}: cannot load {split} arrays without '
-                         f'pickle ({e}); save them as plain numeric arrays.'
-                         ) from e
+      images = (None if member else
+                read_npz_member(npz, f'{split}_images', p, field))
+      labels = read_npz_member(npz, f'{split}_labels', p, field)
     where = f'{p} [{split}_images]'
     shape = member[1] if member else images.shape
     if len(shape) == 3:
@@ -461,6 +542,9 @@ class NpzSource(_Base):
 # ----------------------------------------------------------------------------
 # Image + mask folders with split.csv.
 # ----------------------------------------------------------------------------
+_SEG_FIX = 'replace it, or remove its row from split.csv'
+
+
 class SegFolderSource(_Base):
   """Segmentation pairs listed in ``root/split.csv`` (``image,mask,split``).
 
@@ -504,7 +588,8 @@ class SegFolderSource(_Base):
         if not q.is_file():
           raise FileNotFoundError(f'{csv_path}: listed file {q} does not exist;'
                                   ' fix split.csv or add the file.')
-      with Image.open(ip) as im, Image.open(mp) as mk:  # headers only
+      with _open_image(ip, fix=_SEG_FIX, load=False) as im, _open_image(
+          mp, 'mask', _SEG_FIX, load=False) as mk:  # headers only
         if im.size != mk.size:
           raise ValueError(
               f'mask {mp} is {mk.size[0]}x{mk.size[1]} (WxH) but its image {ip}'
@@ -519,12 +604,21 @@ class SegFolderSource(_Base):
     elif self.num_classes == 2:
       self.class_names = ('background', 'foreground')
     self._store = _image_store(cache, len(self.image_paths), self._decode)
+    if self._store is None:  # not decoded up front: still check every mask now
+      self._check_masks()
 
   def __len__(self) -> int:
     return len(self.image_paths)
 
+  def _check_masks(self) -> None:
+    """Decodes every mask once (not kept): a class id >= num_classes or an
+    unreadable mask raises here, before any training step."""
+    with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:
+      for _ in pool.map(self._load_mask, self.mask_paths):
+        pass
+
   def _load_mask(self, path: pathlib.Path) -> np.ndarray:
-    with Image.open(path) as mk:
+    with _open_image(path, 'mask', _SEG_FIX) as mk:
       if mk.mode in ('RGB', 'RGBA', 'LA'):
         mk = mk.convert('L')
       mask = np.asarray(mk)
@@ -538,11 +632,12 @@ class SegFolderSource(_Base):
       raise ValueError(
           f'mask {path}: class index {int(mask.max())} is outside '
           f'[0, {self.num_classes}) (task.num_classes={self.num_classes}). '
-          'Set task.num_classes or store masks as {0,255} / class indices.')
+          f'Set task.num_classes to at least {int(mask.max()) + 1}, or store '
+          'binary masks as {0, 255} / class indices 0..num_classes-1.')
     return mask
 
   def _decode(self, index: int) -> dict[str, np.ndarray]:
-    rec = {'image': _decode_image(self.image_paths[index]),
+    rec = {'image': _decode_image(self.image_paths[index], _SEG_FIX),
            'mask': self._load_mask(self.mask_paths[index])}
     if rec['image'].shape[:2] != rec['mask'].shape:
       raise ValueError(f'mask {self.mask_paths[index]} has shape '
@@ -787,19 +882,14 @@ class JpegNpzSource(_Base):
     if split not in self.SPLITS:
       raise ValueError(f'data.source=jpeg_npz has splits {self.SPLITS}, not '
                        f'{split!r}.')
-    try:
-      npz = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-      raise ValueError(
-          f'{field}: {p} is not a readable .npz file ({e}).') from e
-    with npz:
+    with open_npz(p, field) as npz:
       missing = [k for k in ('jpeg_bytes', 'offsets') if k not in npz.files]
       if missing:
         raise ValueError(f'{field}: {p} has no key(s) {missing} (keys: '
                          f'{sorted(npz.files)}); data.source=jpeg_npz needs '
                          'jpeg_bytes (uint8) and offsets (N+1,).')
-      data = npz['jpeg_bytes']
-      offsets = npz['offsets'].astype(np.int64)
+      data = read_npz_member(npz, 'jpeg_bytes', p, field)
+      offsets = read_npz_member(npz, 'offsets', p, field).astype(np.int64)
     if data.dtype != np.uint8 or data.ndim != 1:
       raise ValueError(f'{p}: jpeg_bytes must be a flat uint8 array, got '
                        f'{data.dtype} {data.shape}.')
@@ -835,7 +925,8 @@ class JpegNpzSource(_Base):
         image = np.asarray(img if img.mode == 'RGB' else img.convert('RGB'))
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f'{self.path} image #{self._start + index}: cannot '
-                       f'decode JPEG ({e}).') from e
+                       f'decode JPEG ({e}); the file is corrupt: {NPZ_FIX}.'
+                       ) from None
     return {'image': image}
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
