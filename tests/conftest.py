@@ -1,4 +1,6 @@
 """Test set-up: 8 fake CPU devices (set before jax is imported) and the shared-data locator."""
+import csv
+import io
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -6,7 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -34,6 +38,7 @@ def kvasir_dir() -> pathlib.Path:
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE_CLI = ["--config", "configs/experiment.py:pneumonia,smoke,px32"]  # the smallest real-data CLI run
 
 
 def load_config(name: str, arg: str | None = None):
@@ -69,3 +74,33 @@ def one_error_line(r, rc: int = 2) -> str:
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1, r.stderr[-2000:]
   return errors[0]
+
+
+def tiny_npz(path, images, labels):
+  """An npz with the same images / labels in its train, val and test splits."""
+  np.savez(path, **{f"{s}_images": images for s in ("train", "val", "test")},
+           **{f"{s}_labels": labels for s in ("train", "val", "test")})
+  return path
+
+
+def write_seg(root, rows, size=(16, 12), mask_values=(0, 255)):
+  """A segmentation folder (images/, masks/, split.csv) with one random image + mask per split name in `rows`."""
+  (root / "images").mkdir(parents=True)
+  (root / "masks").mkdir()
+  rng = np.random.default_rng(0)
+  with open(root / "split.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["image", "mask", "split"])
+    for i, split in enumerate(rows):
+      img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+      mask = rng.choice(np.asarray(mask_values, np.uint8), (size[1], size[0]))
+      Image.fromarray(img).save(root / "images" / f"{i}.png")
+      Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+      w.writerow([f"images/{i}.png", f"masks/{i}.png", split])
+
+
+def jpeg_bytes(img):
+  """JPEG (quality 95) bytes of a uint8 image, as a uint8 array."""
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", quality=95)
+  return np.frombuffer(buf.getvalue(), np.uint8)

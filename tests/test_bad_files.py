@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_config, one_error_line, run_cli
-from test_cli_errors import BASE, _tiny_npz
-from test_data_sources import _jpeg, _write_seg
+from conftest import SMOKE_CLI as BASE, jpeg_bytes, load_config, one_error_line, run_cli, tiny_npz, write_seg
 from tpp_jax import main
 from tpp_jax.checkpoints import convert, hf_export, store
 from tpp_jax.data import pipeline as data_pipeline
@@ -28,7 +26,7 @@ SMOKE = "pneumonia,smoke,px32"
 def _data(tmp_path):
   """A valid 32-image, 2-class, 32px npz with train/val/test."""
   images = np.random.default_rng(0).integers(0, 256, (32, 32, 32), dtype=np.uint8)
-  return _tiny_npz(tmp_path / "data.npz", images, np.arange(32) % 2)
+  return tiny_npz(tmp_path / "data.npz", images, np.arange(32) % 2)
 
 
 def _cli(tmp_path, *args, data=None, torch_blocked=False):
@@ -234,7 +232,7 @@ def test_truncated_image_in_class_folder_cached(tmp_path):
 
 
 def test_unreadable_images_in_seg_folder(tmp_path):
-  _write_seg(tmp_path / "seg", ["train", "train", "val"])
+  write_seg(tmp_path / "seg", ["train", "train", "val"])
   root = tmp_path / "seg"
   _truncate(root / "images" / "1.png")
   with pytest.raises(ValueError, match=r"image .*images/1\.png cannot be decoded.*remove its row from split\.csv"):
@@ -250,7 +248,7 @@ def test_unreadable_images_in_seg_folder(tmp_path):
 
 def test_corrupt_jpeg_in_jpeg_npz(tmp_path):
   rng = np.random.default_rng(0)
-  blobs = [_jpeg(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(4)]
+  blobs = [jpeg_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(4)]
   blobs[2] = blobs[2][:40]  # cut short
   offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
   p = tmp_path / "images_jpeg.npz"
@@ -262,7 +260,7 @@ def test_corrupt_jpeg_in_jpeg_npz(tmp_path):
 # -- 6. mask class ids >= task.num_classes, found when the sources are built ----------------------------------------
 
 def test_mask_class_outside_num_classes_found_up_front(tmp_path):
-  _write_seg(tmp_path / "seg", ["train"] * 6 + ["val", "test"], size=(32, 32), mask_values=(0, 1))
+  write_seg(tmp_path / "seg", ["train"] * 6 + ["val", "test"], size=(32, 32), mask_values=(0, 1))
   root = tmp_path / "seg"
   mask = np.asarray(Image.open(root / "masks" / "4.png")).copy()
   mask[0, 0] = 3

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_config, run_cli
+from conftest import SMOKE_CLI as BASE, load_config, run_cli, tiny_npz
 from tpp_jax import config as config_lib
 from tpp_jax import main
 
-BASE = ["--config", "configs/experiment.py:pneumonia,smoke,px32"]
 
 
 def _cli_error(args, tmp_path):
@@ -28,12 +27,6 @@ def _cli_error(args, tmp_path):
   assert len(msg) < 600, msg
   assert "\\n" not in msg and "\\'" not in msg, f"raw repr in the message: {msg}"  # str(KeyError) leaks
   return msg
-
-
-def _tiny_npz(path, images, labels):
-  np.savez(path, **{f"{s}_images": images for s in ("train", "val", "test")},
-           **{f"{s}_labels": labels for s in ("train", "val", "test")})
-  return path
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -65,7 +58,7 @@ def test_missing_data_path(tmp_path):
 
 def test_labels_outside_num_classes(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
-  path = _tiny_npz(tmp_path / "three.npz", images, np.arange(6) % 3)
+  path = tiny_npz(tmp_path / "three.npz", images, np.arange(6) % 3)
   msg = _cli_error([f"--config.data.path={path}", "--config.task.num_classes=2"], tmp_path)
   assert str(path) in msg and "label 2" in msg and "task.num_classes" in msg, msg
   assert "at least 3" in msg, msg  # the fix
@@ -98,7 +91,7 @@ def test_mask_image_size_mismatch(tmp_path):
 
 def test_wrong_image_channels(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 2), dtype=np.uint8)
-  path = _tiny_npz(tmp_path / "two_channels.npz", images, np.arange(6) % 2)
+  path = tiny_npz(tmp_path / "two_channels.npz", images, np.arange(6) % 2)
   c = load_config("experiment", "pneumonia,smoke,px32")
   c.data.path = str(path)
   with pytest.raises(ValueError, match=r"two_channels\.npz \[train_images\]") as e:

@@ -1,7 +1,6 @@
 """Tests for tpp_jax.data.sources (shared data and tiny tmp_path files)."""
 import csv
 import functools
-import io
 import os
 import shutil
 
@@ -10,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from conftest import jpeg_bytes, write_seg
 from tpp_jax.data import pipeline
 from tpp_jax.data import sources
 
@@ -107,21 +107,6 @@ def test_seg_folder_kvasir(kvasir_sources):
   assert np.shares_memory(a['image'], b['image']) and not a['mask'].flags.writeable
 
 
-def _write_seg(root, rows, size=(16, 12), mask_values=(0, 255)):
-  (root / 'images').mkdir(parents=True)
-  (root / 'masks').mkdir()
-  rng = np.random.default_rng(0)
-  with open(root / 'split.csv', 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(['image', 'mask', 'split'])
-    for i, split in enumerate(rows):
-      img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-      mask = rng.choice(np.asarray(mask_values, np.uint8), (size[1], size[0]))
-      Image.fromarray(img).save(root / 'images' / f'{i}.png')
-      Image.fromarray(mask).save(root / 'masks' / f'{i}.png')
-      w.writerow([f'images/{i}.png', f'masks/{i}.png', split])
-
-
 def test_seg_folder_kvasir_mismatch(kvasir_dir, tmp_path):
   rows = list(csv.DictReader(open(kvasir_dir / 'split.csv')))[:3]
   root = tmp_path / 'kv'
@@ -143,7 +128,7 @@ def test_seg_folder_kvasir_mismatch(kvasir_dir, tmp_path):
 
 
 def test_seg_folder_multiclass_and_errors(tmp_path):
-  _write_seg(tmp_path / 'a', ['train', 'train', 'val'], mask_values=(0, 1, 2))
+  write_seg(tmp_path / 'a', ['train', 'train', 'val'], mask_values=(0, 1, 2))
   src = sources.SegFolderSource(tmp_path / 'a', 'train', num_classes=3)
   assert len(src) == 2
   assert set(np.unique(src[0]['mask'])) <= {0, 1, 2}
@@ -299,18 +284,12 @@ def test_tfds_segmentation_and_build_sources(tfds_dir):
 # ---------------------------------------------------------------------------
 # JpegNpzSource.
 # ---------------------------------------------------------------------------
-def _jpeg(img):
-  buf = io.BytesIO()
-  Image.fromarray(img).save(buf, format='JPEG', quality=95)
-  return np.frombuffer(buf.getvalue(), np.uint8)
-
-
 def test_jpeg_npz(tmp_path):
   colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (128, 128, 128)]
   imgs = [np.broadcast_to(np.asarray(c, np.uint8), (16, 16, 3)).copy()
           for c in colours]
   imgs.append(np.full((16, 16), 90, np.uint8))  # a greyscale JPEG
-  blobs = [_jpeg(x) for x in imgs]
+  blobs = [jpeg_bytes(x) for x in imgs]
   offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
   p = tmp_path / 'images_jpeg.npz'
   np.savez_compressed(p, jpeg_bytes=np.concatenate(blobs),
@@ -355,7 +334,7 @@ def _tiny_sources(tmp_path, kind, cache):
     if not p.exists():
       imgs = [rng.integers(0, 256, (12, 10, 3), dtype=np.uint8) for _ in range(4)]
       imgs.append(rng.integers(0, 256, (12, 10), dtype=np.uint8))  # grey JPEG
-      blobs = [_jpeg(x) for x in imgs]
+      blobs = [jpeg_bytes(x) for x in imgs]
       np.savez(p, jpeg_bytes=np.concatenate(blobs),
                offsets=np.concatenate([[0], np.cumsum([len(b) for b in blobs])]))
     return sources.JpegNpzSource(p, 'train', val_count=1, cache=cache)
@@ -368,7 +347,7 @@ def _tiny_sources(tmp_path, kind, cache):
             d / f'{i}.png')
     return sources.ClassFolderSource(root, 'train', cache=cache)
   if not root.exists():
-    _write_seg(root, ['train'] * 4)
+    write_seg(root, ['train'] * 4)
   return sources.SegFolderSource(root, 'train', cache=cache)
 
 
