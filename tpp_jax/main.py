@@ -43,7 +43,7 @@ def main(argv):
       _fail("--config is required, e.g. --config configs/default.py")
     if jax_distributed_requested(cfg):
       import jax
-      jax.distributed.initialize()
+      jax.distributed.initialize(**distributed_init_args())
     run(cfg, _WORKDIR.value)
   except Interrupted as e:  # SIGTERM / SIGINT: the run checkpointed and stopped
     print(f"stopped: {e}", file=sys.stderr)
@@ -59,6 +59,32 @@ def main(argv):
 
 def jax_distributed_requested(cfg) -> bool:
   return bool(cfg.get("distributed", False))
+
+
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_init_args(environ=None) -> dict:
+  """Arguments of jax.distributed.initialize for a manual launch: JAX_COORDINATOR_ADDRESS (host:port of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (0..N-1), all three set. Neither of the last two set: {}, and jax finds
+  what it needs itself (Cloud TPU pods, SLURM, Open MPI, Kubernetes; JAX_COORDINATOR_ADDRESS is read by jax)."""
+  environ = os.environ if environ is None else environ
+  got = {k: environ[k].strip() for k in DISTRIBUTED_ENV if environ.get(k, "").strip()}
+  if "JAX_NUM_PROCESSES" not in got and "JAX_PROCESS_ID" not in got:
+    return {}
+  missing = [k for k in DISTRIBUTED_ENV if k not in got]
+  if missing:
+    raise ValueError(f"distributed=True with {', '.join(sorted(got))} set but not {', '.join(missing)}: set all of "
+                     f"{', '.join(DISTRIBUTED_ENV)} on every process (or none, to let jax detect the cluster).")
+  args = {"coordinator_address": got["JAX_COORDINATOR_ADDRESS"]}
+  for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    try:
+      args[name] = int(got[key])
+    except ValueError:
+      raise ValueError(f"{key}={got[key]!r} must be an integer.") from None
+  if not 0 <= args["process_id"] < args["num_processes"]:
+    raise ValueError(f"JAX_PROCESS_ID={args['process_id']} must be in [0, JAX_NUM_PROCESSES={args['num_processes']}).")
+  return args
 
 
 def _fail(msg: str):
