@@ -149,3 +149,15 @@ def test_bootstrap_ci_is_seeded_and_agrees_with_scipy_percentile_bootstrap():
     assert (b["verdict"] == "no detectable difference") == (b["ci_low"] <= 0 <= b["ci_high"]), b
   flat = stats.paired_comparison([0.5, 0.6], [0.5, 0.6], method="bootstrap")
   assert flat["p"] == 1.0 and "zero variance" in flat["note"]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12])
+def test_mean_ci_matches_scipy_t_interval(n):
+  vals = np.random.default_rng(n).uniform(0.6, 0.9, n)
+  r = stats.mean_ci(list(vals) + [None, float("nan")], level=0.9)  # missing values are dropped
+  lo, hi = sp_stats.t.interval(0.9, n - 1, loc=vals.mean(), scale=sp_stats.sem(vals))
+  assert r["n"] == n and rel(r["mean"], vals.mean()) < RTOL and rel(r["std"], vals.std(ddof=1)) < RTOL
+  assert rel(r["ci_low"], lo) < RTOL and rel(r["ci_high"], hi) < RTOL
+  one = stats.mean_ci([0.7])
+  assert one["mean"] == 0.7 and one["n"] == 1 and math.isnan(one["ci_low"]) and math.isnan(one["std"])
+  assert stats.mean_ci([])["n"] == 0

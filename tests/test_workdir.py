@@ -34,6 +34,14 @@ def _steps(folder):
   return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """An uninterrupted RUN_ARG run: the reference of the interruption tests (not modified by them)."""
+  wd = tmp_path_factory.mktemp("finished") / "run"
+  main.run(load_config("experiment", RUN_ARG), str(wd))
+  return wd
+
+
 def test_pipeline_killed_at_any_point_resumes_to_the_uninterrupted_result(tmp_path, capsys):
   ref = tmp_path / "ref"
   main.run(load_config("default", PIPE_ARG), str(ref))
@@ -65,9 +73,8 @@ def test_pipeline_killed_at_any_point_resumes_to_the_uninterrupted_result(tmp_pa
   assert {p: p.read_bytes() for p in (wd / "seed_0").rglob("*") if p.is_file()} == files
 
 
-def test_fewer_steps_on_a_finished_run_is_refused_and_changes_nothing(tmp_path):
-  wd = tmp_path / "run"
-  main.run(load_config("experiment", RUN_ARG), str(wd))
+def test_fewer_steps_on_a_finished_run_is_refused_and_changes_nothing(finished_run):
+  wd = finished_run
   files = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
   r = run_cli(["--config", f"configs/experiment.py:{RUN_ARG}", "--config.steps=4", "--workdir", str(wd)])
   assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -106,9 +113,8 @@ def test_nan_is_never_checkpointed_and_a_lower_lr_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("sig", ["TERM", "INT"])
-def test_sigterm_and_sigint_checkpoint_stop_and_resume_exactly(tmp_path, sig):
-  ref = tmp_path / "ref"
-  main.run(load_config("experiment", RUN_ARG), str(ref))
+def test_sigterm_and_sigint_checkpoint_stop_and_resume_exactly(tmp_path, finished_run, sig):
+  ref = finished_run
   wd = tmp_path / "run"
   cli = ["--config", f"configs/experiment.py:{RUN_ARG}", "--workdir", str(wd)]
   r = run_cli(cli, env={"TPP_FAULT": f"run:step:5:{sig}"})

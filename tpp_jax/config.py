@@ -76,6 +76,8 @@ def base_config() -> mlc.ConfigDict:
       tfds_splits="",            # "" = the dataset's splits; or "train=train[:90%],val=train[90%:]"
       val_count=1000,            # jpeg_npz: the last N images are the val split
       max_train_examples=0, max_eval_examples=0,  # fixed random subsets (0 = all)
+      label_fraction=1.0,        # stages that need labels train on this stratified fraction of the train split,
+                                 # drawn by seed (after max_train_examples); stage pipeline: set per arm
       workers="0",               # training-input processes (grain multiprocessing): "auto" | "0" (in-process) | "N"
       prefetch=2,                # batches the training iterator reads ahead (0 = none)
       cache="auto",              # decoded images in memory: "auto" (split fits 2 GiB) | "on" | "off"
@@ -97,10 +99,14 @@ def base_config() -> mlc.ConfigDict:
   c.eval_splits = ("val", "test")
   c.eval_checkpoint = "latest"  # stage eval: latest | best
   c.progress = True
-  c.distributed = False        # call jax.distributed.initialize() (multi-host)
+  c.distributed = False        # multi-host; JAX_{COORDINATOR_ADDRESS,NUM_PROCESSES,PROCESS_ID} env or auto-detect
   c.fsdp = False               # shard large params over the data axis
-  # pipeline: sub-configs overrides applied to the tpp / finetune arms
-  c.pipeline = mlc.ConfigDict(dict(tpp_steps=200, tpp_lr=1e-3, tpp_batch_size=64, report=True))
+  # pipeline: sub-configs overrides applied to the tpp / finetune arms.
+  # label_fractions: the fine-tune arms run once per labelled fraction of the train split (F < 1 in
+  # DIR/seed_S/frac_F/); the TPP arm runs once per seed on all training images.
+  # compute_matched: add the arm baseline_matched, the baseline trained tpp_steps + steps steps.
+  c.pipeline = mlc.ConfigDict(dict(tpp_steps=200, tpp_lr=1e-3, tpp_batch_size=64, report=True,
+                                   label_fractions=(1.0,), compute_matched=False))
   return c
 
 
@@ -231,9 +237,37 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   for f in ("steps", "batch_size", "eval_batch_size", "log_every"):
     if int(c[f]) <= 0:
       raise ConfigError(f"{f}={c[f]} must be positive.")
+  _check_label_fractions(c)
   if c.stage not in ("pipeline",) and c.target_init and c.stage != "finetune":
     raise ConfigError(f"target_init is only used by stage 'finetune' (stage is {c.stage!r}); clear it.")
   return c
+
+
+def _check_label_fractions(c: mlc.ConfigDict) -> None:
+  """data.label_fraction in (0, 1]; pipeline.label_fractions: fractions in (0, 1], each once."""
+  f = c.data.label_fraction
+  if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) <= 1.0:
+    raise ConfigError(f"data.label_fraction={f!r} must be a number in (0, 1] (e.g. 0.05 for 5% of the training "
+                      "labels; 1.0 = all).")
+  fractions = c.pipeline.label_fractions
+  if isinstance(fractions, (int, float)) and not isinstance(fractions, bool):
+    fractions = (fractions,)
+  if (not isinstance(fractions, (tuple, list)) or not fractions
+      or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in fractions)):
+    raise ConfigError(f"pipeline.label_fractions={fractions!r} must be a non-empty tuple of numbers in (0, 1], "
+                      "e.g. --config.pipeline.label_fractions='(0.05,0.2,1.0)'.")
+  bad = [x for x in fractions if not 0.0 < float(x) <= 1.0]
+  if bad:
+    raise ConfigError(f"pipeline.label_fractions={tuple(fractions)}: {bad} not in (0, 1]; each is the fraction of "
+                      "the training labels a fine-tune arm sees (1.0 = all).")
+  names = [stages_lib.fraction_dir(x) for x in fractions]
+  if len(set(names)) != len(names):
+    dup = sorted({x for x, n in zip(fractions, names) if names.count(n) > 1})
+    raise ConfigError(f"pipeline.label_fractions={tuple(fractions)} lists {dup} more than once (to 6 significant "
+                      "digits); give each fraction once.")
+  if c.stage == "pipeline" and float(f) != 1.0:
+    raise ConfigError(f"data.label_fraction={f} is set per arm by stage 'pipeline'; leave it at 1.0 and set "
+                      f"pipeline.label_fractions=({float(f)}, 1.0) instead.")
 
 
 def to_json(c: mlc.ConfigDict) -> str:

@@ -1,10 +1,14 @@
 """Stage `pipeline`: TPP vs plain PEFT, side by side, same seeds and budget.
 
 For each seed s in (seed, seed+1, ..., seed+seeds-1), in DIR/seed_s/:
-  tpp/            stage tpp: pretext (MAE / DINO) on the target params, backbone frozen
-  tpp_finetune/   stage finetune starting from tpp/'s target params (target_init)
-  baseline/       stage finetune from random target init (the usual PEFT)
-Then DIR/report.md with tables, learning curves, MAE reconstructions / segmentation overlays.
+  tpp/               stage tpp: pretext (MAE / DINO) on the target params, backbone frozen, all training images
+  tpp_finetune/      stage finetune starting from tpp/'s target params (target_init)
+  baseline/          stage finetune from random target init (the usual PEFT)
+  baseline_matched/  pipeline.compute_matched: the baseline trained pipeline.tpp_steps + steps steps
+  frac_F/{tpp_finetune,baseline,baseline_matched}/   per pipeline.label_fractions entry F < 1: the fine-tune arms
+                     on a stratified fraction F of the train split (drawn per (F, seed), the same for every arm)
+Then DIR/report.md with tables, learning curves, MAE reconstructions / segmentation overlays, and with several
+labelled fractions the label-efficiency table and label_efficiency.png.
 Every sub-run is an ordinary workdir: an interrupted pipeline resumes where it stopped, a finished arm is not trained
 again, and the figures are drawn from the arms' saved checkpoints (the same whether or not the run was interrupted).
 """
@@ -24,9 +28,27 @@ from tpp_jax import engine, metrics, stages
 from tpp_jax import workdir as workdir_lib
 
 
+def label_fractions(config) -> list[float]:
+  """pipeline.label_fractions, each once, largest first (1.0, the full-label arms, runs first)."""
+  fractions = config.pipeline.label_fractions
+  fractions = (fractions,) if isinstance(fractions, (int, float)) else fractions
+  return sorted({float(f) for f in fractions}, reverse=True)
+
+
+def _field(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
 def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
-  """The configs of one seed, one per arm of stages.STAGES['pipeline'] ({arm name: config})."""
-  from tpp_jax import stages
+  """The configs of one seed, {folder under DIR/seed_S: config}, from the arms of stages.STAGES['pipeline'].
+
+  An arm whose stage needs labels runs once per pipeline.label_fractions entry F, with data.label_fraction=F
+  (F = 1: folder NAME, as without fractions; F < 1: frac_F/NAME); the others (the TPP arm) run once, on all
+  training images. An arm with `only_if` runs when that field is true; `plus_steps` adds a field to its steps.
+  """
   def derive(**kw):
     c = copy.deepcopy(config)
     with c.unlocked():
@@ -37,18 +59,33 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
     return c
   p = config.pipeline
   entry = stages.STAGES.get(config.stage)
+  arms = [a for a in (entry.arms if entry is not None and entry.arms else stages.STAGES["pipeline"].arms)
+          if not a.only_if or bool(_field(config, a.only_if))]
+  labelled = {a.name: stages.get(a.stage).needs_labels for a in arms}
   out = {}
-  for arm in (entry.arms if entry is not None and entry.arms else stages.STAGES["pipeline"].arms):
-    target_init = str(workdir / f"seed_{seed}" / arm.target_from) if arm.target_from else ""
-    if stages.get(arm.stage).objective == "pretext":  # the pretext arm runs on the pipeline's TPP budget
-      c = derive(stage=arm.stage, steps=int(p.tpp_steps), batch_size=int(p.tpp_batch_size), target_init=target_init,
-                 eval_splits=("val",), best_metric="")
+  for i, fraction in enumerate(label_fractions(config)):
+    frac = stages.fraction_dir(fraction)
+    for arm in arms:
+      if not labelled[arm.name] and i:
+        continue  # an unlabelled arm (TPP) runs once per seed, on all training images
+      name = f"{frac}/{arm.name}" if frac and labelled[arm.name] else arm.name
+      target_init = ""
+      if arm.target_from:
+        src = f"{frac}/{arm.target_from}" if frac and labelled.get(arm.target_from) else arm.target_from
+        target_init = str(workdir / f"seed_{seed}" / src)
+      if stages.get(arm.stage).objective == "pretext":  # the pretext arm runs on the pipeline's TPP budget
+        c = derive(stage=arm.stage, steps=int(p.tpp_steps), batch_size=int(p.tpp_batch_size),
+                   target_init=target_init, eval_splits=("val",), best_metric="")
+        with c.unlocked():
+          c.optim.lr = float(p.tpp_lr)
+          c.eval_every = 0
+      else:
+        c = derive(stage=arm.stage, target_init=target_init)
       with c.unlocked():
-        c.optim.lr = float(p.tpp_lr)
-        c.eval_every = 0
-    else:
-      c = derive(stage=arm.stage, target_init=target_init)
-    out[arm.name] = c
+        c.data.label_fraction = fraction if labelled[arm.name] else 1.0
+        if arm.plus_steps:
+          c.steps = int(c.steps) + int(_field(config, arm.plus_steps))
+      out[name] = c
   return out
 
 
@@ -71,6 +108,9 @@ def run(config, workdir) -> dict:
                                    "finished arm is saved; rerun the same command to resume.", signum)
         print(f"== seed {seed}: {arm} ==", flush=True)
         summaries[(seed, arm)] = engine.train(cfg, wd / f"seed_{seed}" / arm)
+        if "stopped_at" in summaries[(seed, arm)]:  # stop_after: the arm checkpointed; the rest waits for a rerun
+          print(f"Pipeline stopped in seed {seed}: {arm} (stop_after); rerun the same command to resume.")
+          return {"report": None, "stopped_at": f"seed_{seed}/{arm}"}
     if not all((wd / f).exists() for f in figure_files(config)):
       figures(config, wd, seeds[0])
     path = None
@@ -90,16 +130,29 @@ def figure_files(config) -> list[str]:
 
 
 def comparison_table(summaries: dict, task: str) -> str:
-  """A plain-text test-metric table of the arms (mean ± std over seeds)."""
+  """A plain-text test-metric table of the fine-tune arms per labelled fraction (mean ± std over seeds).
+
+  Args:
+    summaries: {(seed, folder under seed_S): summary} ('tpp_finetune', 'frac_0.05/baseline', ...).
+  """
   keys = metrics.TASK_METRICS[task]
-  lines = [f"{'arm':14s} " + " ".join(f"{k:>18s}" for k in keys)]
-  for arm in ("baseline", "tpp_finetune"):
-    vals = {k: [s["final"].get("test", {}).get(k, np.nan) for (_, a), s in summaries.items() if a == arm]
-            for k in keys}
-    def fmt(v):
-      v = np.asarray(v, float)
-      return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
-    lines.append(f"{arm:14s} " + " ".join(f"{fmt(vals[k]):>18s}" for k in keys))
+  rows: dict = {}
+  for (_, name), s in summaries.items():
+    arm, frac = name.rsplit("/", 1)[-1], float(s.get("config", {}).get("data", {}).get("label_fraction", 1.0))
+    if stages.get(s.get("stage", "finetune")).objective != "pretext":
+      rows.setdefault((-frac, arm), []).append(s)
+  def fmt(v):
+    v = np.asarray(v, float)
+    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+  multi = len({f for f, _ in rows}) > 1
+  order = {"baseline": 0, "baseline_matched": 1, "tpp_finetune": 2}
+  ranked = sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 3), kv[0][1]))
+  labelled = [(f"{arm} ({100 * -neg:g}% labels)" if multi else arm, group) for (neg, arm), group in ranked]
+  width = max([14] + [len(label) for label, _ in labelled])
+  lines = [f"{'arm':{width}s} " + " ".join(f"{k:>18s}" for k in keys)]
+  for label, group in labelled:
+    vals = {k: [s["final"].get("test", {}).get(k, np.nan) for s in group] for k in keys}
+    lines.append(f"{label:{width}s} " + " ".join(f"{fmt(vals[k]):>18s}" for k in keys))
   return "\n".join(lines)
 
 
@@ -125,13 +178,14 @@ def saved_arm(run_dir: pathlib.Path) -> SavedArm:
 
 
 def figures(config, wd: pathlib.Path, seed: int, n: int = 6):
-  """MAE reconstructions of validation images (TPP arm) and segmentation overlays (fine-tune arm) of one seed."""
+  """MAE reconstructions of validation images (TPP arm) and segmentation overlays (fine-tune arm, the largest
+  labelled fraction) of one seed."""
   if config.pretext.type == "mae":
     t = saved_arm(wd / f"seed_{seed}" / "tpp")
     render_figure(t, "mae_reconstructions", wd / "mae_reconstructions.png", "val" if "val" in t.sources else "train",
                   n)
   if config.task.type == "segmentation":
-    t = saved_arm(wd / f"seed_{seed}" / "tpp_finetune")
+    t = saved_arm(wd / f"seed_{seed}" / stages.fraction_dir(label_fractions(config)[0]) / "tpp_finetune")
     render_figure(t, "segmentation_overlays", wd / "segmentation_overlays.png",
                   next(s for s in ("test", "val", "train") if s in t.sources), n)
 

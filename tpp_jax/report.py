@@ -4,8 +4,9 @@
 
 Finds every run folder (one with summary.json) under the given folders and writes RUN_DIR/report.md
 (the first folder) with the test / val metric tables (mean ± std over seeds and the paired
-TPP − baseline difference with its 95% CI, paired t-test p and verdict; also in comparison.json),
-learning_curves.png, the pipeline's own figures when present (mae_reconstructions.png,
+TPP − baseline (and TPP − baseline_matched) difference with its 95% CI, paired t-test p and verdict; also in
+comparison.json), learning_curves.png, with fine-tune runs on part of the labels (data.label_fraction < 1) the
+label-efficiency table and label_efficiency.png, the pipeline's own figures when present (mae_reconstructions.png,
 segmentation_overlays.png), parameter counts, wall time and images/s.
 Only numpy and matplotlib (Agg canvas, no pyplot) are needed (statistics: tpp_jax.stats): no JAX or scipy import.
 """
@@ -28,7 +29,8 @@ from tpp_jax.logging_utils import read_json, read_jsonl
 from tpp_jax.metrics import MAIN_METRIC, TASK_METRICS
 
 PRETEXT_STAGES = ("pretrain", "tpp")
-ARM_ORDER = ("tpp_finetune", "baseline", "tpp")
+ARM_ORDER = ("tpp_finetune", "baseline", "baseline_matched", "tpp")
+BASELINES = ("baseline", "baseline_matched")  # roles TPP → fine-tune is compared with (same seed and fraction)
 FIGURES = (("mae_reconstructions.png", "MAE reconstructions (TPP arm)",
             "Validation images: masked input / reconstruction by the TPP-trained target parameters / original."),
            ("segmentation_overlays.png", "Segmentation overlays (TPP arm)",
@@ -65,7 +67,7 @@ def _seed_of(path: pathlib.Path, cfg: dict) -> int | None:
 
 
 def _role(arm: str, stage: str, has_target_init: bool) -> str:
-  """What a run is in the comparison: tpp | tpp_finetune | baseline | other."""
+  """What a run is in the comparison: tpp | tpp_finetune | baseline | baseline_matched | other."""
   if arm in ARM_ORDER:
     return arm
   if stage == "tpp":
@@ -83,9 +85,11 @@ def _record(run: pathlib.Path) -> dict:
   target_init = summary.get("target_init")
   has_ti = bool(target_init) or bool(_get(cfg, "target_init", ""))
   arm = run.name
+  fraction = float(_get(cfg, "data.label_fraction", 1.0) or 1.0) if stage not in PRETEXT_STAGES else 1.0
   return {
       "path": str(run), "arm": arm, "role": _role(arm, stage, has_ti),
-      "seed": _seed_of(run, cfg), "stage": stage,
+      "seed": _seed_of(run, cfg), "stage": stage, "fraction": fraction,
+      "train_examples": (summary.get("data") or {}).get("train_examples"),
       "peft": str(_get(cfg, "peft.type", "none")), "task": str(_get(cfg, "task.type", "classification")),
       "pretext": str(_get(cfg, "pretext.type", "")), "config": cfg,
       "final": summary.get("final") or {}, "best": summary.get("best"),
@@ -107,10 +111,11 @@ def collect(run_dirs: Iterable) -> list[dict]:
     run_dirs: folders (a pipeline folder, run folders, or parents of them).
 
   Returns:
-    One dict per run: path, arm (folder name: tpp_finetune / baseline / tpp / other), role, seed,
-    stage, peft, task, pretext, config, final ({split: metrics}), best, params, steps, init,
-    target_init, images_per_sec, wall_time_s and rows (metrics.jsonl). Sorted by arm then seed;
-    a run reached twice is listed once.
+    One dict per run: path, arm (folder name: tpp_finetune / baseline / baseline_matched / tpp / other), role,
+    seed, stage, fraction (data.label_fraction: the labelled fraction of the train split, 1.0 for pretext runs),
+    train_examples (summary.json data.train_examples, None before it was recorded), peft, task, pretext, config,
+    final ({split: metrics}), best, params, steps, init, target_init, images_per_sec, wall_time_s and rows
+    (metrics.jsonl). Sorted by arm then seed; a run reached twice is listed once.
   """
   if isinstance(run_dirs, (str, os.PathLike)):
     run_dirs = [run_dirs]
@@ -126,7 +131,8 @@ def collect(run_dirs: Iterable) -> list[dict]:
       if run not in seen:
         seen.add(run)
         records.append(_record(run))
-  records.sort(key=lambda r: (_arm_rank(r["arm"]), r["peft"], -1 if r["seed"] is None else r["seed"], r["path"]))
+  records.sort(key=lambda r: (-r["fraction"], _arm_rank(r["arm"]), r["peft"], -1 if r["seed"] is None else r["seed"],
+                              r["path"]))
   return records
 
 
@@ -162,11 +168,20 @@ def _mean_fmt(values, fmt: str = "{:.1f}") -> str:
 
 
 def _groups(records: Sequence[dict]) -> dict:
-  """{(arm, peft, task): [records]} in report order."""
+  """{(arm, peft, task, fraction): [records]} in report order (largest labelled fraction first)."""
   out: dict = {}
-  for r in sorted(records, key=lambda r: (_arm_rank(r["arm"]), r["peft"], r["task"])):
-    out.setdefault((r["arm"], r["peft"], r["task"]), []).append(r)
+  for r in sorted(records, key=lambda r: (-r["fraction"], _arm_rank(r["arm"]), r["peft"], r["task"])):
+    out.setdefault((r["arm"], r["peft"], r["task"], r["fraction"]), []).append(r)
   return out
+
+
+def _multi_fraction(records: Sequence[dict]) -> bool:
+  """Some run trained on part of the labels: the tables get a `labels` column."""
+  return any(r["fraction"] != 1.0 for r in records)
+
+
+def _frac_cell(fraction: float) -> str:
+  return f"{100 * fraction:.6g}%"
 
 
 def _metric_keys(records: Sequence[dict]) -> list[str]:
@@ -192,21 +207,22 @@ def _per_seed(group: Sequence[dict], split: str, key: str) -> dict:
 
 
 def paired_differences(records: Sequence[dict], split: str = "test") -> list[dict]:
-  """Per-seed TPP − baseline differences, per PEFT type and task.
+  """Per-seed TPP − baseline (and TPP − baseline_matched) differences, per PEFT type, task and labelled fraction.
 
   Returns:
-    A list of {"label", "peft", "task", "tpp", "baseline", "seeds", "diffs": {metric: np.ndarray},
-    "values": {metric: (seeds, tpp values, baseline values)}} with one entry per (TPP-initialised arm,
-    baseline arm) pair of the same PEFT type and task; per metric, the seeds present in both arms.
+    A list of {"label", "peft", "task", "fraction", "train_examples", "tpp", "baseline", "seeds",
+    "diffs": {metric: np.ndarray}, "values": {metric: (seeds, tpp values, baseline values)}} with one entry per
+    (TPP-initialised arm, baseline / baseline_matched arm) pair of the same PEFT type, task and fraction; per
+    metric, the seeds present in both arms. train_examples: the sorted training-set sizes of the pair's runs.
   """
   runs = [r for r in records if _has_task_metrics(r, split)]
   groups = _groups(runs)
   out = []
-  for (t_arm, peft, task), t_runs in groups.items():
+  for (t_arm, peft, task, frac), t_runs in groups.items():
     if t_runs[0]["role"] != "tpp_finetune":
       continue
-    for (b_arm, b_peft, b_task), b_runs in groups.items():
-      if b_runs[0]["role"] != "baseline" or (b_peft, b_task) != (peft, task):
+    for (b_arm, b_peft, b_task, b_frac), b_runs in groups.items():
+      if b_runs[0]["role"] not in BASELINES or (b_peft, b_task, b_frac) != (peft, task, frac):
         continue
       diffs, values, seeds = {}, {}, set()
       for k in TASK_METRICS[task]:
@@ -215,9 +231,11 @@ def paired_differences(records: Sequence[dict], split: str = "test") -> list[dic
         diffs[k] = np.asarray([a[s] - b[s] for s in common], float)
         values[k] = (common, np.asarray([a[s] for s in common], float), np.asarray([b[s] for s in common], float))
         seeds |= set(common)
-      label = ("TPP − baseline" if (t_arm, b_arm) == ("tpp_finetune", "baseline") else f"{t_arm} − {b_arm}")
-      out.append({"label": label, "peft": peft, "task": task, "tpp": t_arm, "baseline": b_arm,
-                  "seeds": sorted(seeds, key=lambda s: (s is None, s or 0)), "diffs": diffs, "values": values})
+      label = (f"TPP − {b_arm}" if t_arm == "tpp_finetune" and b_arm in BASELINES else f"{t_arm} − {b_arm}")
+      sizes = sorted({int(r["train_examples"]) for r in t_runs + b_runs if r["train_examples"] is not None})
+      out.append({"label": label, "peft": peft, "task": task, "fraction": frac, "train_examples": sizes,
+                  "tpp": t_arm, "baseline": b_arm, "seeds": sorted(seeds, key=lambda s: (s is None, s or 0)),
+                  "diffs": diffs, "values": values})
   return out
 
 
@@ -246,19 +264,22 @@ def metric_table(records: Sequence[dict], split: str = "test") -> str:
     return f"_No runs with {split} task metrics._"
   keys = _metric_keys(runs)
   multi_task = len({r["task"] for r in runs}) > 1
-  head = ["arm", "peft"] + (["task"] if multi_task else []) + ["n"] + keys + [
+  multi_frac = _multi_fraction(runs)
+  head = ["arm", "peft"] + (["task"] if multi_task else []) + (["labels"] if multi_frac else []) + ["n"] + keys + [
       "trainable params", "target params", "images/s", "wall time (s)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - len(keys) - 4) + [
       "---:"] * (len(keys) + 4)) + "|"]
-  for (arm, peft, task), group in _groups(runs).items():
-    cells = [f"`{arm}`", peft] + ([task] if multi_task else []) + [str(len(group))]
+  for (arm, peft, task, frac), group in _groups(runs).items():
+    cells = [f"`{arm}`", peft] + ([task] if multi_task else []) + ([_frac_cell(frac)] if multi_frac else []) + [
+        str(len(group))]
     for k in keys:
       cells.append(_mean_std([r["final"].get(split, {}).get(k) for r in group]) if k in TASK_METRICS[task] else "")
     cells += [_count(r["params"].get("trainable") for r in group), _count(r["params"].get("target") for r in group),
               _mean_fmt(r["images_per_sec"] for r in group), _mean_fmt(r["wall_time_s"] for r in group)]
     lines.append("| " + " | ".join(cells) + " |")
   for d in paired_differences(runs, split):
-    cells = [f"**{d['label']}**", d["peft"]] + ([d["task"]] if multi_task else []) + [str(len(d["seeds"]))]
+    cells = [f"**{d['label']}**", d["peft"]] + ([d["task"]] if multi_task else []) + (
+        [_frac_cell(d["fraction"])] if multi_frac else []) + [str(len(d["seeds"]))]
     for k in keys:
       cells.append(f"**{_diff_cell(d['diffs'][k])}**" if k in d["diffs"] else "")
     lines.append("| " + " | ".join(cells + [""] * 4) + " |")
@@ -273,9 +294,10 @@ def paired_comparisons(records: Sequence[dict], split: str = "test", level: floa
   """Paired t-test of every metric of every TPP / baseline pair (same seeds), from `stats.paired_comparison`.
 
   Returns:
-    One dict per (pair, metric): comparison (label), tpp, baseline (arms), peft, task, split, metric, seeds,
-    tpp_values, baseline_values, diffs, and paired_comparison's mean_diff, ci_low, ci_high, p, n, verdict,
-    test, level, higher_is_better, note. NaN (n < 2) is written as None so the list is valid JSON.
+    One dict per (pair, metric): comparison (label), tpp, baseline (arms), peft, task, fraction (labelled fraction
+    of the train split), train_examples (the runs' training-set sizes), split, metric, seeds, tpp_values,
+    baseline_values, diffs, and paired_comparison's mean_diff, ci_low, ci_high, p, n, verdict, test, level,
+    higher_is_better, note. NaN (n < 2) is written as None so the list is valid JSON.
   """
   out = []
   for d in paired_differences(records, split):
@@ -284,9 +306,84 @@ def paired_comparisons(records: Sequence[dict], split: str = "test", level: floa
       r = stats.paired_comparison(a, b, level=level, higher_is_better=_higher_is_better(k))
       r = {k2: (None if isinstance(v, float) and math.isnan(v) else v) for k2, v in r.items()}
       out.append({"comparison": d["label"], "tpp": d["tpp"], "baseline": d["baseline"], "peft": d["peft"],
-                  "task": d["task"], "split": split, "metric": k, "seeds": list(seeds), "tpp_values": a.tolist(),
-                  "baseline_values": b.tolist(), "diffs": (a - b).tolist(), **r})
+                  "task": d["task"], "fraction": d["fraction"], "train_examples": d["train_examples"], "split": split,
+                  "metric": k, "seeds": list(seeds), "tpp_values": a.tolist(), "baseline_values": b.tolist(),
+                  "diffs": (a - b).tolist(), **r})
   return out
+
+
+def _json_safe(obj):
+  """NaN floats -> None, recursively (valid JSON)."""
+  if isinstance(obj, float) and math.isnan(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: _json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_json_safe(v) for v in obj]
+  return obj
+
+
+def _seed_key(s):
+  return (s is None, s or 0)
+
+
+def label_efficiency(records: Sequence[dict], split: str = "test", level: float = 0.95) -> list[dict]:
+  """The main metric (auc / dice) per labelled fraction: both arms and their paired comparison.
+
+  Returns:
+    One dict per (TPP / baseline or baseline_matched pair, labelled fraction), largest fraction first: fraction,
+    train_examples, peft, task, split, metric, comparison, tpp, baseline, arms ({arm: seeds, values and
+    stats.mean_ci's mean, std, ci_low, ci_high, n over that arm's seeds}), seeds, tpp_values, baseline_values and
+    paired_comparison's mean_diff, ci_low, ci_high, p, n, verdict, ... over the seeds in both arms. NaN -> None.
+  """
+  runs = [r for r in records if _has_task_metrics(r, split)]
+  groups = _groups(runs)
+  out = []
+  for d in paired_differences(runs, split):
+    k = MAIN_METRIC[d["task"]]
+    seeds, a, b = d["values"][k]
+    arms = {}
+    for arm in (d["tpp"], d["baseline"]):
+      vals = _per_seed(groups[(arm, d["peft"], d["task"], d["fraction"])], split, k)
+      order = sorted(vals, key=_seed_key)
+      arms[arm] = {"seeds": order, "values": [vals[s] for s in order], **stats.mean_ci([vals[s] for s in order], level)}
+    r = stats.paired_comparison(a, b, level=level, higher_is_better=_higher_is_better(k))
+    out.append(_json_safe({"fraction": d["fraction"], "train_examples": d["train_examples"], "peft": d["peft"],
+                           "task": d["task"], "split": split, "metric": k, "comparison": d["label"], "tpp": d["tpp"],
+                           "baseline": d["baseline"], "arms": arms, "seeds": list(seeds), "tpp_values": a.tolist(),
+                           "baseline_values": b.tolist(), **r}))
+  return out
+
+
+def label_efficiency_table(records: Sequence[dict], split: str = "test", level: float = 0.95) -> str:
+  """Markdown table of `label_efficiency`: per labelled fraction and comparison, the training-set size, n, each
+  arm's main metric (mean ± std over seeds), the paired difference, its t-based CI, p and the verdict. Empty
+  string when there is no TPP / baseline pair."""
+  rows = label_efficiency(records, split, level)
+  if not rows:
+    return ""
+  multi = len({(r["peft"], r["task"]) for r in rows}) > 1
+  metrics = sorted({r["metric"] for r in rows})
+  head = (["peft", "task"] if multi else []) + [
+      "labels", "train examples", "comparison", "n", "`tpp_finetune`", "compared arm", "TPP − baseline",
+      f"{_pct(level)}% CI", "p", "verdict"]
+  lines = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] * (len(head) - 9) + ["---:", "---", "---:", "---:", "---:", "---:", "---:", "---:",
+                                                        "---"]) + "|"]
+  for r in rows:
+    diff = "n/a" if r["mean_diff"] is None else f"{r['mean_diff']:+.4f}"
+    ci = "n/a" if r["ci_low"] is None else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+    cells = ([r["peft"], r["task"]] if multi else []) + [
+        _frac_cell(r["fraction"]), _count(r["train_examples"]), f"**{r['comparison']}**", str(r["n"]),
+        _mean_std(r["arms"][r["tpp"]]["values"]), f"`{r['baseline']}` {_mean_std(r['arms'][r['baseline']]['values'])}",
+        diff, ci, _p_cell(r), r["verdict"]]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"_{' / '.join(metrics)} on the {split} split, mean ± std over seeds per arm; per labelled fraction, "
+            "the paired t-test over the seeds in both arms (two-sided, "
+            f"{_pct(level)} % level, t-based CI of the mean difference). labels: the stratified fraction of the "
+            "training split the fine-tune arms trained on (drawn once per fraction and seed, the same examples for "
+            "every arm; train examples: its size); the TPP arm pre-trained on all training images, without labels._"]
+  return "\n".join(lines)
 
 
 def _pct(level: float) -> str:
@@ -310,14 +407,16 @@ def paired_table(records: Sequence[dict], split: str = "test", level: float = 0.
   if not comps:
     return ""
   multi_task = len({c["task"] for c in comps}) > 1
-  head = ["comparison", "peft"] + (["task"] if multi_task else []) + [
+  multi_frac = any(c["fraction"] != 1.0 for c in comps)
+  head = ["comparison", "peft"] + (["task"] if multi_task else []) + (["labels"] if multi_frac else []) + [
       "metric", "n", "TPP − baseline", f"{_pct(level)}% CI", "p", "verdict"]
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - 5) + ["---:"] * 4 + ["---"]) + "|"]
   for c in comps:
     diff = "n/a" if c["mean_diff"] is None else f"{c['mean_diff']:+.4f}"
     ci = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
-    cells = [f"**{c['comparison']}**", c["peft"]] + ([c["task"]] if multi_task else []) + [
-        c["metric"], str(c["n"]), diff, ci, _p_cell(c), c["verdict"]]
+    cells = [f"**{c['comparison']}**", c["peft"]] + ([c["task"]] if multi_task else []) + (
+        [_frac_cell(c["fraction"])] if multi_frac else []) + [c["metric"], str(c["n"]), diff, ci, _p_cell(c),
+                                                              c["verdict"]]
     lines.append("| " + " | ".join(cells) + " |")
   ns = sorted({c["n"] for c in comps})
   n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
@@ -327,6 +426,9 @@ def paired_table(records: Sequence[dict], split: str = "test", level: float = 0.
             f"baseline (same seed and budget); verdict \"TPP better\" / \"baseline better\" when p < {alpha} "
             "(by the sign of the mean difference; higher is better for every metric shown), else \"no detectable "
             "difference\"; fewer than 2 seeds: no test._"]
+  if any(c["baseline"] == "baseline_matched" for c in comps):
+    lines.append("_TPP − baseline_matched: the same test against the compute-matched baseline (random target init, "
+                 "trained pipeline.tpp_steps + steps steps: as many optimizer steps as TPP + fine-tune)._")
   if any(c["note"] for c in comps):
     lines.append("_* all paired differences equal (zero variance): the t-test is degenerate; p = 1 for no "
                  "difference, 0 otherwise._")
@@ -335,10 +437,14 @@ def paired_table(records: Sequence[dict], split: str = "test", level: float = 0.
 
 def comparison_data(records: Sequence[dict], level: float = 0.95) -> dict:
   """The numbers of the paired tables, machine-readable (written as comparison.json beside report.md)."""
-  return {"test": "paired t-test", "alternative": "two-sided", "level": level,
-          "difference": "TPP → fine-tune minus baseline, same seed", "confidence_interval": "t-based",
-          "splits": {split: paired_comparisons([r for r in records if _has_task_metrics(r, split)], split, level)
-                     for split in ("test", "val")}}
+  out = {"test": "paired t-test", "alternative": "two-sided", "level": level,
+         "difference": "TPP → fine-tune minus baseline, same seed", "confidence_interval": "t-based",
+         "splits": {split: paired_comparisons([r for r in records if _has_task_metrics(r, split)], split, level)
+                    for split in ("test", "val")}}
+  if _multi_fraction([r for r in records if r["stage"] not in PRETEXT_STAGES]):
+    out["label_fractions"] = sorted({r["fraction"] for r in records if r["stage"] not in PRETEXT_STAGES})
+    out["label_efficiency"] = {split: label_efficiency(records, split, level) for split in ("test", "val")}
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +505,8 @@ def plot_learning_curves(records: Sequence[dict], out_png) -> pathlib.Path:
     The PNG path.
   """
   down = [r for r in records if r["stage"] not in PRETEXT_STAGES]
+  if down:  # several labelled fractions: the fine-tune curves of the largest one
+    down = [r for r in down if r["fraction"] == max(d["fraction"] for d in down)]
   pre = [r for r in records if r["stage"] == "tpp"]
   ncols = 3 if pre else 2
   fig = Figure(figsize=(5.2 * ncols, 4.0))
@@ -406,9 +514,9 @@ def plot_learning_curves(records: Sequence[dict], out_png) -> pathlib.Path:
   colors = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"]
   groups = _groups(down)
   multi_peft = len({k[1] for k in groups}) > 1
-  mains = sorted({MAIN_METRIC[t] for _, _, t in groups})
+  mains = sorted({MAIN_METRIC[k[2]] for k in groups})
   any_loss = any_val = False
-  for i, ((arm, peft, task), group) in enumerate(groups.items()):
+  for i, ((arm, peft, task, _), group) in enumerate(groups.items()):
     c = colors[i % len(colors)]
     label = f"{arm} ({peft})" if multi_peft else arm
     any_loss |= _plot_arm(axes[0], [_series(r["rows"], "train", "loss") for r in group], c, label)
@@ -424,7 +532,7 @@ def plot_learning_curves(records: Sequence[dict], out_png) -> pathlib.Path:
     ax.grid(alpha=0.3)
   if pre:
     ax = axes[2]
-    for i, ((arm, peft, _), group) in enumerate(_groups(pre).items()):
+    for i, ((arm, peft, _, _), group) in enumerate(_groups(pre).items()):
       c = colors[(len(groups) + i) % len(colors)]
       kind = group[0]["pretext"] or "pretext"
       label = f"{arm} {kind}" + (f" ({peft})" if multi_peft else "")
@@ -441,6 +549,73 @@ def plot_learning_curves(records: Sequence[dict], out_png) -> pathlib.Path:
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return _save(fig, out_png)
+
+
+ARM_COLORS = {"tpp_finetune": "tab:red", "baseline": "tab:blue", "baseline_matched": "tab:green"}
+
+
+def plot_label_efficiency(rows: Sequence[dict], out_png, level: float = 0.95) -> pathlib.Path:
+  """The main metric vs the labelled fraction (log axis), one row of panels per (PEFT type, task).
+
+  Left: each fine-tune arm's mean over seeds with its t-interval band. Right: the paired difference TPP − baseline
+  (and − baseline_matched) with its CI band, and 0.
+
+  Args:
+    rows: from `label_efficiency`.
+    out_png: output path (or a binary file object).
+    level: the confidence level of the bands (the caption's).
+
+  Returns:
+    The PNG path.
+  """
+  combos = list(dict.fromkeys((r["peft"], r["task"]) for r in rows)) or [("", "")]
+  fig = Figure(figsize=(10.4, 4.0 * len(combos)))
+  axes = fig.subplots(len(combos), 2, squeeze=False)
+  multi = len(combos) > 1
+  nan = lambda v: np.nan if v is None else float(v)  # noqa: E731
+  for (peft, task), (left, right) in zip(combos, axes):
+    sel = [r for r in rows if (r["peft"], r["task"]) == (peft, task)]
+    fracs = sorted({r["fraction"] for r in sel})
+    metric = sel[0]["metric"] if sel else "metric"
+    arms: dict = {}  # arm -> {fraction: mean_ci}
+    for r in sel:
+      for arm, s in r["arms"].items():
+        arms.setdefault(arm, {})[r["fraction"]] = s
+    for i, (arm, by_frac) in enumerate(sorted(arms.items(), key=lambda kv: _arm_rank(kv[0]))):
+      c = ARM_COLORS.get(arm, f"C{i + 3}")
+      x = sorted(by_frac)
+      left.plot(x, [nan(by_frac[f]["mean"]) for f in x], color=c, marker="o", lw=2,
+                label=f"{arm} (n={max(by_frac[f]['n'] for f in x)})")
+      left.fill_between(x, [nan(by_frac[f]["ci_low"]) for f in x], [nan(by_frac[f]["ci_high"]) for f in x],
+                        color=c, alpha=0.2, lw=0)
+    by_comp: dict = {}
+    for r in sel:
+      by_comp.setdefault((r["comparison"], r["baseline"]), []).append(r)
+    for (label, b_arm), rs in by_comp.items():
+      rs = sorted(rs, key=lambda r: r["fraction"])
+      c = ARM_COLORS.get(b_arm, "tab:gray")
+      x = [r["fraction"] for r in rs]
+      right.plot(x, [nan(r["mean_diff"]) for r in rs], color=c, marker="o", lw=2, label=label)
+      right.fill_between(x, [nan(r["ci_low"]) for r in rs], [nan(r["ci_high"]) for r in rs], color=c, alpha=0.2, lw=0)
+    right.axhline(0.0, color="0.3", lw=0.8, ls="--")
+    suffix = f" ({peft}, {task})" if multi else ""
+    left.set(title=f"test {metric} vs labelled fraction{suffix}", ylabel=metric)
+    right.set(title=f"paired difference, {_pct(level)}% CI{suffix}", ylabel=f"Δ {metric}")
+    for ax in (left, right):
+      ax.set_xlabel("labelled fraction of the training split")
+      if fracs:
+        if len(fracs) > 1 and fracs[-1] / fracs[0] >= 4:
+          ax.set_xscale("log")
+        ax.set_xticks(fracs)
+        ax.set_xticklabels([_frac_cell(f) for f in fracs])
+        ax.minorticks_off()
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+      else:
+        _empty(ax, "no data")
+      ax.grid(alpha=0.3)
   fig.tight_layout()
   return _save(fig, out_png)
 
@@ -602,6 +777,13 @@ def _setup_lines(records: Sequence[dict], top_cfg: dict | None) -> list[str]:
   lines.append(f"- seeds: {', '.join(map(str, seeds)) or 'n/a'}")
   if top_cfg and _get(top_cfg, "stage") == "pipeline":
     lines.append(f"- pipeline: {_get(top_cfg, 'seeds')} seed(s) from seed {_get(top_cfg, 'seed')}")
+    fractions = _get(top_cfg, "pipeline.label_fractions") or [1.0]
+    if any(float(f) != 1.0 for f in fractions):
+      lines.append("- labelled fractions of the training split (fine-tune arms): "
+                   + ", ".join(_frac_cell(f) for f in sorted({float(f) for f in fractions})))
+    if _get(top_cfg, "pipeline.compute_matched"):
+      lines.append(f"- compute-matched baseline (`baseline_matched`): random target init, "
+                   f"{_get(top_cfg, 'pipeline.tpp_steps')} + {_get(top_cfg, 'steps')} steps")
   return lines
 
 
@@ -610,7 +792,7 @@ def _pretext_table(records: Sequence[dict]) -> str:
   if not pre:
     return ""
   lines = ["| arm | stage | pretext | peft | n | final train loss | val loss |", "|---|---|---|---|---:|---:|---:|"]
-  for (arm, peft, _), group in _groups(pre).items():
+  for (arm, peft, _, _), group in _groups(pre).items():
     last = []
     for r in group:
       s, v = _series(r["rows"], "train", "loss")
@@ -622,12 +804,16 @@ def _pretext_table(records: Sequence[dict]) -> str:
 
 
 def _cost_table(records: Sequence[dict]) -> str:
-  lines = ["| arm | stage | peft | n | total params | trainable | target | head | images/s | wall time / run (s) "
-           "| wall time, all seeds (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for (arm, peft, _), g in _groups(records).items():
+  multi = _multi_fraction(records)
+  lines = ["| arm | stage | peft | " + ("labels | steps | " if multi else "") + "n | total params | trainable | "
+           "target | head | images/s | wall time / run (s) | wall time, all seeds (s) |",
+           "|---|---|---|" + ("---|---:|" if multi else "") + "---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for (arm, peft, _, frac), g in _groups(records).items():
     p = lambda k: _count(r["params"].get(k) for r in g)  # noqa: E731
     total_wall = _finite(r["wall_time_s"] for r in g)
-    lines.append(f"| `{arm}` | {g[0]['stage']} | {peft} | {len(g)} | {p('total')} | {p('trainable')} | {p('target')} | "
+    labels = f"{_frac_cell(frac)} | {_count(r['steps'] for r in g)} | " if multi else ""
+    lines.append(f"| `{arm}` | {g[0]['stage']} | {peft} | {labels}{len(g)} | {p('total')} | {p('trainable')} | "
+                 f"{p('target')} | "
                  f"{p('head')} | {_mean_fmt(r['images_per_sec'] for r in g)} | "
                  f"{_mean_fmt(r['wall_time_s'] for r in g)} | {total_wall.sum():.1f} |")
   return "\n".join(lines)
@@ -670,7 +856,9 @@ def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
         "self-supervised pretext task (MAE / DINO) on the downstream images, backbone frozen, then fine-tuned "
         "on the task (`tpp_finetune`).  ",
         "**Baseline**: the same PEFT fine-tuning from the usual random init of those parameters (`baseline`), "
-        "with the same seeds, data and step budget.  ",
+        "with the same seeds, data and step budget"
+        + (" (`baseline_matched`: the same, trained TPP + fine-tune steps, so a gain is not just more steps)"
+           if any(r["role"] == "baseline_matched" for r in records) else "") + ".  ",
         "**TPP − baseline**: mean ± std over seeds of the per-seed paired differences (positive = TPP better "
         "for all metrics shown). Under each metric table, the paired comparison per metric: the mean "
         "difference, its 95% confidence interval (t-based), the two-sided paired t-test p over the seeds and "
@@ -681,22 +869,34 @@ def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
     paired = paired_table(records, split)
     md += [paired, ""] if paired else []
   md += ["Mean ± std over seeds (std with ddof=1; `n/a` for a single seed); metrics of the final step.", ""]
+  if _multi_fraction([r for r in records if _has_task_metrics(r, "test")]):
+    md += ["## Label efficiency", "", label_efficiency_table(records, "test"), ""]
+    png = plot_label_efficiency(label_efficiency(records, "test"), wd / "label_efficiency.png")
+    md += [f"![label efficiency]({_link(str(png), wd)})", "",
+           "Left: the test metric of each fine-tune arm vs the labelled fraction (mean over seeds, band: its "
+           "95% t-interval). Right: the paired difference TPP − baseline per fraction with its 95% CI (above 0: "
+           "TPP better).", ""]
   (wd / "comparison.json").write_text(json.dumps(comparison_data(records), indent=1) + "\n")
   pre = _pretext_table(records)
   if pre:
     md += ["## TPP pretext", "", pre, ""]
   md += ["## Learning curves", "", f"![learning curves]({_link(str(curves), wd)})", "",
-         "Thin lines: single seeds; thick lines: mean over seeds.", ""]
+         "Thin lines: single seeds; thick lines: mean over seeds."
+         + (f" Fine-tune arms: the largest labelled fraction ({_frac_cell(max(r['fraction'] for r in records))})."
+            if _multi_fraction(records) else ""), ""]
   for name, title, caption in FIGURES:
     if (wd / name).exists():
       md += [f"## {title}", "", f"![{title}]({name})", "", caption, ""]
   md += ["## Parameters, wall time and throughput", "", _cost_table(records), "",
          "images/s: training throughput after compilation; wall time includes evaluation and checkpointing. "
-         "The TPP arm's total cost is `tpp` + `tpp_finetune`.", "",
+         "The TPP arm's total cost is `tpp` + `tpp_finetune`"
+         + ("; `baseline_matched` trains as many steps as the two together." if any(
+             r["role"] == "baseline_matched" for r in records) else "."), "",
          "## Runs", ""]
   for r in records:
     rel = _link(r["path"], wd)
-    md.append(f"- `{r['arm']}` seed {r['seed']} ({r['stage']}, {r['peft']}): [{rel}]({rel}/summary.json)")
+    labels = f", {_frac_cell(r['fraction'])} labels" if r["fraction"] != 1.0 else ""
+    md.append(f"- `{r['arm']}` seed {r['seed']} ({r['stage']}, {r['peft']}{labels}): [{rel}]({rel}/summary.json)")
   out = wd / "report.md"
   out.write_text("\n".join(md) + "\n")
   return out

@@ -20,10 +20,21 @@ TASK_HEAD = r"^head/"
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-  """One sub-run of a comparison stage: DIR/seed_S/NAME runs `stage`, target_init from arm `target_from`."""
+  """One sub-run of a comparison stage: DIR/seed_S/NAME runs `stage`, target_init from arm `target_from`.
+
+  An arm whose stage needs labels runs once per pipeline.label_fractions entry F (F < 1: DIR/seed_S/frac_F/NAME,
+  on the stratified fraction F of the train split); the others run once per seed on all training images.
+  """
   name: str
   stage: str
   target_from: str = ""
+  plus_steps: str = ""  # dotted config field added to `steps` (compute-matched: 'pipeline.tpp_steps')
+  only_if: str = ""     # dotted bool config field; the arm runs only when it is true
+
+
+def fraction_dir(fraction: float) -> str:
+  """The folder of a labelled fraction's arms under DIR/seed_S: 'frac_0.05'; '' for 1.0 (the seed folder)."""
+  return "" if float(fraction) >= 1.0 else f"frac_{float(fraction):.6g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +108,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           writes="RUN/eval.json"),
     Stage("pipeline", "tpp then finetune from it, and the finetune baseline, same seeds and budget",
           trains=False, keeps_best=False, writes="DIR/report.md + figures",
-          arms=(Arm("tpp", "tpp"), Arm("tpp_finetune", "finetune", target_from="tpp"), Arm("baseline", "finetune"))),
+          arms=(Arm("tpp", "tpp"), Arm("tpp_finetune", "finetune", target_from="tpp"), Arm("baseline", "finetune"),
+                Arm("baseline_matched", "finetune", plus_steps="pipeline.tpp_steps",
+                    only_if="pipeline.compute_matched"))),
 )}
 
 

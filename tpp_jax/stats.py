@@ -168,3 +168,24 @@ def paired_comparison(tpp: Sequence[float], baseline: Sequence[float], level: fl
     out.update(ci_low=float(lo), ci_high=float(hi), p=float(min(1.0, 2.0 * min(below, above))))
   out["verdict"] = _verdict(mean, out["p"], level, higher_is_better)
   return out
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> dict:
+  """Mean of one arm's per-seed values with its t-based confidence interval (the band of a plot).
+
+  Returns:
+    dict(mean, std, ci_low, ci_high, n); None / non-finite values are dropped. n = 0: mean NaN; n < 2: the
+    interval is NaN; std is ddof=1.
+  """
+  if not 0.0 < level < 1.0:
+    raise ValueError(f"level must be in (0, 1), got {level}")
+  a = np.asarray([np.nan if v is None else float(v) for v in values], float)
+  a = a[np.isfinite(a)]
+  n = int(a.size)
+  out = {"mean": float(a.mean()) if n else math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+         "n": n}
+  if n >= 2:
+    sd = float(a.std(ddof=1))
+    half = t_isf((1.0 - level) / 2.0, n - 1) * sd / math.sqrt(n)
+    out.update(std=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+  return out

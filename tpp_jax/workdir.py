@@ -32,9 +32,12 @@ ConfigError = config_lib.ConfigError
 # Config fields a rerun may change and still resume the run in its workdir (the rest must be equal):
 #   steps           upward only (more training; fewer is refused: see check_config)
 #   optim.lr        downward only (the way out of a run that stopped on NaN / Inf)
+#   seeds, pipeline.label_fractions, pipeline.compute_matched, pipeline.report
+#                   a pipeline's extra arms: each arm checks its own config, so a pipeline may grow
 #   the rest        when to log / evaluate / checkpoint, what to keep, how to show progress and feed the data
 RESUMABLE_FIELDS = ("steps", "stop_after", "eval_every", "checkpoint_every", "log_every", "progress",
-                    "keep_checkpoints", "eval_splits", "eval_batch_size", "optim.lr", "data.cache", "data.prefetch")
+                    "keep_checkpoints", "eval_splits", "eval_batch_size", "optim.lr", "data.cache", "data.prefetch",
+                    "seeds", "pipeline.label_fractions", "pipeline.compute_matched", "pipeline.report")
 LOCK_FILE = ".lock"
 
 
