@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
@@ -80,6 +79,7 @@ def iterator_rate(source, transform, batch_size: int, workers: int, batches: int
 def step_rate(config, steps: int) -> tuple[int, float]:
   """(batch size, images/s of the jitted train step on one fixed batch, after compilation)."""
   import jax
+
   from tpp_jax import engine
   small = max(256, 2 * int(config.batch_size))
   c = with_data(config, max_train_examples=small, max_eval_examples=64)
@@ -111,6 +111,7 @@ def main(argv=None) -> float:
   from absl import flags
   flags.FLAGS.mark_as_parsed()  # grain's spawned workers read absl flags
   import jax
+
   from tpp_jax.config import load_config_file
   from tpp_jax.data import pipeline as data_pipeline
   from tpp_jax.data import transforms as data_transforms

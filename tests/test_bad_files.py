@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SMOKE_CLI as BASE, jpeg_bytes, load_config, one_error_line, run_cli, tiny_npz, write_seg
 from tpp_jax import main
 from tpp_jax.checkpoints import convert, hf_export, store
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import sources
 from tpp_jax.models.vit import ViT, ViTConfig
+
+from conftest import SMOKE_CLI as BASE
+from conftest import jpeg_bytes, load_config, one_error_line, run_cli, tiny_npz, write_seg
 
 SMOKE = "pneumonia,smoke,px32"
 

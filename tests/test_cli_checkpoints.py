@@ -16,13 +16,16 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import load_config, run_cli  # noqa: E402
 from test_convert import hf_to_big_vision, hf_to_timm, perturb  # noqa: E402  (renaming written independently)
-from tpp_jax import config as config_lib, engine, main, pipeline  # noqa: E402
+
+from tpp_jax import config as config_lib  # noqa: E402
+from tpp_jax import engine, main, pipeline
 from tpp_jax.checkpoints import load as load_lib  # noqa: E402
 from tpp_jax.models.mae import MAEDecoder, MAEDecoderConfig, random_masking  # noqa: E402
 from tpp_jax.models.vit import ViT, ViTConfig  # noqa: E402
 from tpp_jax.objectives import make_objective  # noqa: E402
+
+from conftest import load_config, run_cli  # noqa: E402
 
 TOL = 1e-4
 W, D, H, M, P, S = 64, 2, 2, 256, 8, 32  # width, depth, heads, mlp, patch, image size: model.variant=Mu/8, depth 2

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SMOKE_CLI as BASE, load_config, run_cli, tiny_npz
 from tpp_jax import config as config_lib
 from tpp_jax import main
 
+from conftest import SMOKE_CLI as BASE
+from conftest import load_config, run_cli, tiny_npz
 
 
 def _cli_error(args, tmp_path):
@@ -110,7 +111,8 @@ def test_unknown_key_in_the_config_argument():
 
 def test_bad_enum_in_process(tmp_path):
   c = load_config("experiment", "pneumonia,smoke,px32,pretext.type=simclr")
-  with pytest.raises(config_lib.ConfigError, match=r"pretext.type='simclr' is not valid; choose one of \['mae', 'dino', 'contrastive'\]"):
+  valid = r"pretext.type='simclr' is not valid; choose one of \['mae', 'dino', 'contrastive'\]"
+  with pytest.raises(config_lib.ConfigError, match=valid):
     main.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # nothing written for a rejected config
 

@@ -132,6 +132,7 @@ def test_owned_fields_are_read_where_they_belong(field):
 def test_data_config_has_no_defaults_of_its_own():
   """tpp_jax.data.config resolves base_config().data: a partial block takes base_config's values."""
   import dataclasses
+
   from tpp_jax.data import config as data_config
   base = config_lib.base_config().data
   assert not [f.name for f in dataclasses.fields(data_config.DataConfig)
@@ -227,6 +228,7 @@ def test_layer_decay_scales_each_leaf_update_by_the_beit_formula():
 def test_layer_decay_off_keeps_the_optimizer_state():
   """1.0 (the default) adds nothing: checkpoints of earlier runs keep their opt_state structure."""
   import optax
+
   from tpp_jax import partition
   _, params, labels, tx = _tiny(1.0)
   plain = partition.make_optimizer(labels, optax.adamw(1e-3))

@@ -9,10 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tpp_jax import tree as tree_lib  # pylint: disable=wrong-import-position
 from tpp_jax.checkpoints import convert as cv  # pylint: disable=wrong-import-position
 from tpp_jax.models.mae import MAEDecoder, random_masking  # pylint: disable=wrong-import-position
 from tpp_jax.models.vit import ViT, ViTConfig  # pylint: disable=wrong-import-position
-from tpp_jax import tree as tree_lib  # pylint: disable=wrong-import-position
 
 TOL = 1e-4
 # (width, depth, heads, mlp_dim, patch) of the two test model sizes; HF models are built at 32 px.

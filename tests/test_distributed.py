@@ -17,11 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config, one_error_line, run_cli
-from tpp_jax import engine, main as main_lib
+from tpp_jax import engine
+from tpp_jax import main as main_lib
 from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
+
+from conftest import ROOT, load_config, one_error_line, run_cli
 
 SPEC = "configs/experiment.py:demo,smoke,steps=4"
 OVERRIDES = {"checkpoint_every": 2, "log_every": 1, "distributed": True}

@@ -6,10 +6,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import load_config, run_cli
-from tpp_jax import config as config_lib, engine
+from tpp_jax import config as config_lib
+from tpp_jax import engine
 from tpp_jax import tree as tree_lib
 from tpp_jax import workdir as workdir_lib
+
+from conftest import load_config, run_cli
 
 
 def _cfg(pneumonia_npz, arg=""):

@@ -5,7 +5,6 @@ The runs fine-tune LoRA, DoRA + rsLoRA and SSF for 3 steps on a tiny Hugging Fac
 """
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -18,12 +17,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from conftest import ROOT  # noqa: E402  pylint: disable=wrong-import-position
 from tpp_jax import engine, export  # noqa: E402  pylint: disable=wrong-import-position
 from tpp_jax import main as tpp_main  # noqa: E402  pylint: disable=wrong-import-position
 from tpp_jax.checkpoints import restore  # noqa: E402  pylint: disable=wrong-import-position
-from tpp_jax.config import ConfigError, base_config  # noqa: E402  pylint: disable=wrong-import-position
 from tpp_jax.checkpoints.hf_export import flatten  # noqa: E402  pylint: disable=wrong-import-position
+from tpp_jax.config import ConfigError, base_config  # noqa: E402  pylint: disable=wrong-import-position
+
+from conftest import ROOT  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

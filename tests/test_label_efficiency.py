@@ -5,10 +5,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import load_config, run_cli
 from tpp_jax import config as config_lib
 from tpp_jax import engine, pipeline, report
 from tpp_jax.data import pipeline as data_pipeline
+
+from conftest import load_config, run_cli
 
 ARGS = "smoke,pipeline.label_fractions=(0.25,1.0),pipeline.compute_matched=True"
 FT_ARMS = ("tpp_finetune", "baseline", "baseline_matched")

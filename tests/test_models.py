@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from tpp_jax import partition
+from tpp_jax import tree as tree_lib
 from tpp_jax.models.peft import PeftConfig, merge, reset_dora_magnitudes
 from tpp_jax.models.vit import ViT, ViTConfig
-from tpp_jax import tree as tree_lib
 
 CFG = ViTConfig.from_variant("Mu/8", image_size=32, depth=3)
 X = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))

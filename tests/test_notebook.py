@@ -21,8 +21,6 @@ import sys
 import time
 import types
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab_tpu.ipynb"
 MAGIC_RE = re.compile(r"^(\s*)([!%])(.*)$")

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
 from tpp_jax import engine
-from tpp_jax.objectives.mae import MAEObjective
 from tpp_jax import tree as tree_lib
+from tpp_jax.objectives.mae import MAEObjective
+
+from conftest import load_config
 
 PEFTS = ("lora", "dora", "adapter", "adaptformer", "vpt", "ssf", "bitfit")
 PRETEXTS = ("mae", "dino")

@@ -6,10 +6,10 @@ import optax
 import pytest
 
 from tpp_jax import partition
+from tpp_jax import tree as tree_lib
 from tpp_jax.models.heads import ClassifierHead
 from tpp_jax.models.peft import PeftConfig
 from tpp_jax.models.vit import ViT, ViTConfig
-from tpp_jax import tree as tree_lib
 
 
 def _model(kind, image_size=64, variant="Mu/8"):

@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
 from tpp_jax import engine, evaluate, pipeline
 from tpp_jax.checkpoints import store
+
+from conftest import load_config
 
 
 def test_default_smoke_pipeline_writes_report_and_all_arms(tmp_path):
@@ -48,8 +49,9 @@ def test_eval_stage_reproduces_the_final_metrics(tmp_path, pneumonia_npz):
 
 
 def test_house_backbone_config_exports_and_reloads(tmp_path):
-  from conftest import house_smoke_config
   from tpp_jax import export_backbone
+
+  from conftest import house_smoke_config
   c = house_smoke_config()
   engine.train(c, tmp_path / "pre")
   summary = export_backbone.export(tmp_path / "pre", tmp_path / "out", "tiny")

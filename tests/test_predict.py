@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, load_config, run_cli
 from tpp_jax import main as tpp_main
 from tpp_jax import predict
+
+from conftest import ROOT, load_config, run_cli
 
 DEMO = ROOT / "tpp_jax" / "assets" / "demo_cxr_64" / "demo_cxr_64.npz"
 

@@ -24,6 +24,7 @@ import optax
 import pytest
 
 from tpp_jax import partition
+from tpp_jax import tree as tree_lib
 from tpp_jax.config import base_config
 from tpp_jax.data import transforms
 from tpp_jax.models.peft import PeftConfig
@@ -31,7 +32,6 @@ from tpp_jax.models.vit import ViT, ViTConfig
 from tpp_jax.objectives.contrastive import ContrastiveObjective, nt_xent
 from tpp_jax.objectives.dino import DINOObjective, resize_pos_embed
 from tpp_jax.objectives.mae import MAEObjective
-from tpp_jax import tree as tree_lib
 
 SIZE, PATCH, BATCH, STEPS, LR = 32, 8, 16, 40, 1e-2
 OBJECTIVES = {"mae": MAEObjective, "dino": DINOObjective, "contrastive": ContrastiveObjective}

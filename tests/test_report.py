@@ -94,7 +94,8 @@ def test_collect_finds_every_run_with_arm_seed_and_rows(tmp_path):
   recs = report.collect([tmp_path / "p"])
   assert len(recs) == 9
   assert [r["arm"] for r in recs[:3]] == ["tpp_finetune"] * 3
-  assert {(r["arm"], r["seed"]) for r in recs} == {(a, s) for a in ("tpp", "tpp_finetune", "baseline") for s in range(3)}
+  arms = ("tpp", "tpp_finetune", "baseline")
+  assert {(r["arm"], r["seed"]) for r in recs} == {(a, s) for a in arms for s in range(3)}
   r = next(r for r in recs if r["arm"] == "baseline" and r["seed"] == 1)
   assert (r["stage"], r["peft"], r["task"], r["pretext"]) == ("finetune", "lora", "classification", "mae")
   assert r["params"]["trainable"] == 74_000 and r["images_per_sec"] > 0 and r["wall_time_s"] > 0

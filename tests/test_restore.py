@@ -8,9 +8,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import load_config
 from tpp_jax import engine, evaluate, main
 from tpp_jax.checkpoints import restore, store
+
+from conftest import load_config
 
 
 def _final_state(workdir):

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import load_config
 from tpp_jax import engine, metrics
 from tpp_jax.objectives.segmentation import soft_dice_loss
+
+from conftest import load_config
 
 
 def _cfg(kvasir_dir, arg=""):

@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
 from tpp_jax import engine, partition, pipeline, stages
+from tpp_jax import tree as tree_lib
 from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store
 from tpp_jax.objectives import make_objective
-from tpp_jax import tree as tree_lib
+
+from conftest import load_config
 
 TRAINING = [n for n, s in stages.STAGES.items() if s.trains]
 OBJECTIVE_PARAMS = {"mae": "decoder", "dino": "dino_head", "contrastive": "proj_head", "classification": "head",
@@ -119,7 +120,8 @@ def test_a_new_stage_entry_is_picked_up(monkeypatch):
 def test_pipeline_arms_come_from_the_table(tmp_path, monkeypatch):
   c = _config("pipeline", "peft.type=lora")
   arms = pipeline.arm_configs(c, 3, tmp_path)
-  assert list(arms) == [a.name for a in stages.STAGES["pipeline"].arms if not a.only_if] == ["tpp", "tpp_finetune", "baseline"]
+  default_arms = [a.name for a in stages.STAGES["pipeline"].arms if not a.only_if]
+  assert list(arms) == default_arms == ["tpp", "tpp_finetune", "baseline"]
   assert [a.stage for a in arms.values()] == ["tpp", "finetune", "finetune"]
   assert arms["tpp_finetune"].target_init == str(tmp_path / "seed_3" / "tpp") and not arms["baseline"].target_init
   assert arms["tpp"].steps == c.pipeline.tpp_steps and arms["baseline"].steps == c.steps
@@ -140,8 +142,9 @@ def test_target_init_is_refused_where_the_table_says(monkeypatch):
 
 def test_export_backbone_without_the_runs_init_file(tmp_path):
   """A `pretrain` run from a backbone file exports after that file is gone (build step + its own checkpoint)."""
-  from conftest import house_smoke_config
   from tpp_jax import export_backbone
+
+  from conftest import house_smoke_config
   c = house_smoke_config()
   enc = engine.build_encoder(c)
   params = enc.init(jax.random.key(5), np.zeros((1, 64, 64, 3), np.float32))["params"]

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from conftest import load_config
 from tpp_jax import main
 from tpp_jax.checkpoints import restore, store
+
+from conftest import load_config
 
 ARG = "demo,smoke,steps=6,checkpoint_every=2,eval_every=3,log_every=1"
 

@@ -11,8 +11,9 @@ import struct
 import numpy as np
 from PIL import Image
 
-from conftest import load_config
 from tpp_jax import engine
+
+from conftest import load_config
 
 
 def read_events(workdir: pathlib.Path) -> list:

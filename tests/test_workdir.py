@@ -10,9 +10,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import load_config, run_cli
-from tpp_jax import config as config_lib, main
+from tpp_jax import config as config_lib
+from tpp_jax import main
 from tpp_jax import workdir as workdir_lib
+
+from conftest import load_config, run_cli
 
 PIPE_ARG = "smoke,steps=6,pipeline.tpp_steps=6,checkpoint_every=2,eval_every=3"
 ARMS = ("tpp", "tpp_finetune", "baseline")

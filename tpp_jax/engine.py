@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tpp_jax import config as config_lib
 from tpp_jax import partition
@@ -38,11 +39,11 @@ from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
+from tpp_jax.logging_utils import MetricsLogger, progress
 from tpp_jax.models.peft import PeftConfig
 from tpp_jax.models.vit import ViT, ViTConfig
 from tpp_jax.objectives import make_objective
 from tpp_jax.objectives.base import LOWER_IS_BETTER
-from tpp_jax.logging_utils import MetricsLogger, progress
 
 ConfigError = config_lib.ConfigError
 

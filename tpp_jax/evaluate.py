@@ -13,7 +13,8 @@ import math
 import pathlib
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tpp_jax import engine, stages
 from tpp_jax.checkpoints import restore as restore_lib

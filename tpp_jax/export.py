@@ -127,6 +127,7 @@ def export_adapter(run, out: pathlib.Path) -> list[str]:
 
 def export_peft(run, out: pathlib.Path, hf_fmt: str, weights: pathlib.Path) -> list[str]:
   from safetensors.numpy import save_file
+
   from tpp_jax import partition
   from tpp_jax.checkpoints import adapter as adapter_lib
   target = partition.subtree(run.params, _labels(run.config, run.params), "target")
@@ -176,6 +177,7 @@ def _peft_notes(run, base: pathlib.Path):
 
 def export_merged(run, out: pathlib.Path, hf_fmt: str | None, weights: pathlib.Path | None) -> list[str]:
   from safetensors.numpy import save_file
+
   from tpp_jax.checkpoints import hf_export
   from tpp_jax.models.peft import merge
   try:

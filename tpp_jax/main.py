@@ -153,7 +153,8 @@ def entry():
   except SystemExit:
     raise
   except Exception as e:  # noqa: BLE001 - last resort so users never get a traceback wall for bad input
-    if not os.environ.get("TPP_DEBUG") and isinstance(e, (flags.Error, AttributeError, ValueError, KeyError, TypeError, FileNotFoundError)):
+    user_error = (flags.Error, AttributeError, ValueError, KeyError, TypeError, FileNotFoundError)
+    if not os.environ.get("TPP_DEBUG") and isinstance(e, user_error):
       _fail(explain_override_error(sys.argv) or f"{type(e).__name__}: {e}")
     raise
 

@@ -160,7 +160,8 @@ def make_predict_fn(run, mesh):
   """jit(params, aux, images) -> class probabilities (B, K) or predicted class ids (B, S, S)."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
   obj = run.objective
   if run.config.task.type == "segmentation":
     def fn(params, aux, images):
@@ -228,6 +229,7 @@ def predict(run_dir, input_path, out_dir, checkpoint: str = "best", batch_size: 
             split: str | None = None, progress: bool = True, workers: int | None = None) -> dict:
   """Predict every image of INPUT with the run in RUN; write OUT (see the module docstring)."""
   import jax
+
   from tpp_jax import engine
   from tpp_jax.checkpoints import restore
   from tpp_jax.data import transforms

@@ -34,7 +34,8 @@ BASELINES = ("baseline", "baseline_matched")  # roles TPP → fine-tune is compa
 FIGURES = (("mae_reconstructions.png", "MAE reconstructions (TPP arm)",
             "Validation images: masked input / reconstruction by the TPP-trained target parameters / original."),
            ("segmentation_overlays.png", "Segmentation overlays (TPP arm)",
-            "Ground truth (left, green) and prediction (right, red; ground-truth contour in green) over the input image."))
+            "Ground truth (left, green) and prediction (right, red; ground-truth contour in green) over the input "
+            "image."))
 
 
 class NoRunsError(ValueError):
@@ -423,9 +424,9 @@ def paired_table(records: Sequence[dict], split: str = "test", level: float = 0.
   alpha = f"{1 - level:.10g}"
   seeds = f"{n} seed{'' if n == '1' else 's'}"
   lines += ["", f"_paired t-test over {seeds}, two-sided, {_pct(level)} % level: per seed, TPP → fine-tune minus "
-            f"baseline (same seed and budget); verdict \"TPP better\" / \"baseline better\" when p < {alpha} "
-            "(by the sign of the mean difference; higher is better for every metric shown), else \"no detectable "
-            "difference\"; fewer than 2 seeds: no test._"]
+            f'baseline (same seed and budget); verdict "TPP better" / "baseline better" when p < {alpha} '
+            '(by the sign of the mean difference; higher is better for every metric shown), else "no detectable '
+            'difference"; fewer than 2 seeds: no test._']
   if any(c["baseline"] == "baseline_matched" for c in comps):
     lines.append("_TPP − baseline_matched: the same test against the compute-matched baseline (random target init, "
                  "trained pipeline.tpp_steps + steps steps: as many optimizer steps as TPP + fine-tune)._")
@@ -764,7 +765,7 @@ def _setup_lines(records: Sequence[dict], top_cfg: dict | None) -> list[str]:
       f"- model: {_uniq(_get(c, 'model.variant') for c in cfgs)}, image size "
       f"{_uniq(_get(c, 'model.image_size') for c in cfgs)}",
       f"- PEFT: {_uniq(_peft_desc(c) for c in cfgs)}",
-      f"- pretext (TPP): {_uniq(_pretext_desc(r['config']) for r in pre) if pre else _uniq(_pretext_desc(c) for c in cfgs)}",
+      f"- pretext (TPP): {_uniq(_pretext_desc(r['config']) for r in pre) if pre else _uniq(map(_pretext_desc, cfgs))}",
       f"- task: {_uniq('%s (%s classes)' % (_get(c, 'task.type'), _get(c, 'task.num_classes')) for c in cfgs)}",
       f"- data: {_uniq(_get(c, 'data.path') for c in cfgs)} (source {_uniq(_get(c, 'data.source') for c in cfgs)})",
       f"- fine-tune steps: {_uniq(r['steps'] for r in down)}, batch size {_uniq(_get(c, 'batch_size') for c in cfgs)}, "
@@ -772,7 +773,8 @@ def _setup_lines(records: Sequence[dict], top_cfg: dict | None) -> list[str]:
   ]
   if pre:
     lines.append(f"- TPP steps: {_uniq(r['steps'] for r in pre)}, batch size "
-                 f"{_uniq(_get(r['config'], 'batch_size') for r in pre)}, lr {_uniq(_get(r['config'], 'optim.lr') for r in pre)}")
+                 f"{_uniq(_get(r['config'], 'batch_size') for r in pre)}, "
+                 f"lr {_uniq(_get(r['config'], 'optim.lr') for r in pre)}")
   seeds = sorted({r["seed"] for r in records if r["seed"] is not None})
   lines.append(f"- seeds: {', '.join(map(str, seeds)) or 'n/a'}")
   if top_cfg and _get(top_cfg, "stage") == "pipeline":

@@ -204,7 +204,8 @@ _TORCH_LAYOUTS = {
         modules={"embeddings.patch_embeddings.projection": ("enc", "patch_embed", "conv"),
                  "layernorm": ("enc", "norm", "norm"), "decoder.decoder_embed": ("dec", "embed", "dense"),
                  "decoder.decoder_norm": ("dec", "norm", "norm"), "decoder.decoder_pred": ("dec", "pred", "dense")},
-        blocks={"enc": r"(?:encoder\.layer|layers)\.(\d+)\.(.+)", "dec": r"decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)"},
+        blocks={"enc": r"(?:encoder\.layer|layers)\.(\d+)\.(.+)",
+                "dec": r"decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)"},
         ignore=r"(pooler|classifier)\..*|embeddings\.mask_token|.*position_ids",
         decoder=r"decoder\..*"),
 }
@@ -435,6 +436,7 @@ def _check(flat, expected, what):
 @functools.lru_cache(maxsize=16)
 def _encoder_shapes(cfg: ViTConfig) -> dict[str, tuple]:
   import jax  # pylint: disable=import-outside-toplevel
+
   from tpp_jax.models.vit import ViT  # pylint: disable=import-outside-toplevel
   images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), np.float32)
   tree = jax.eval_shape(ViT(cfg).init, jax.random.key(0), images)["params"]
@@ -443,6 +445,7 @@ def _encoder_shapes(cfg: ViTConfig) -> dict[str, tuple]:
 
 def _decoder_shapes(cfg: ViTConfig, dec: dict) -> dict[str, tuple]:
   import jax  # pylint: disable=import-outside-toplevel
+
   from tpp_jax.models.mae import MAEDecoder  # pylint: disable=import-outside-toplevel
   dcfg = infer_decoder_config({k: v for k, (v, _) in dec.items()}, heads=1)
   tokens = jax.ShapeDtypeStruct((1, 1 + cfg.num_patches, cfg.width), np.float32)

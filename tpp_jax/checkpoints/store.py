@@ -23,7 +23,6 @@ import orbax.checkpoint as ocp
 
 from tpp_jax.tree import flatten, leaf_paths, path_str, unflatten
 
-
 CHECKSUMS = "tpp_checksums.json"
 DAMAGED = "damaged_checkpoints"
 

@@ -11,8 +11,8 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
-SOURCES = ('npz', 'seg_folder', 'class_folder', 'tfds', 'jpeg_npz')
-CACHE_MODES = ('auto', 'on', 'off')
+SOURCES = ("npz", "seg_folder", "class_folder", "tfds", "jpeg_npz")
+CACHE_MODES = ("auto", "on", "off")
 CACHE_BUDGET = 2 << 30  # bytes of decoded images per split that 'auto' caches
 _MISSING = object()
 
@@ -25,12 +25,12 @@ def lookup(cfg: Any, name: str, default: Any = None,
   field takes the default).
   """
   node = cfg
-  for key in name.split('.'):
+  for key in name.split("."):
     if node is None or node is _MISSING:
       return default
     if isinstance(node, Mapping):
       node = node.get(key, _MISSING)
-    elif callable(getattr(node, 'get', None)):  # ConfigDict
+    elif callable(getattr(node, "get", None)):  # ConfigDict
       node = node.get(key, _MISSING)
     else:
       node = getattr(node, key, _MISSING)
@@ -90,8 +90,8 @@ def _per_channel(value: Any, channels: int, field: str) -> tuple[float, ...]:
   if len(values) == 1:
     values = values * channels
   if len(values) != channels:
-    raise ValueError(f'data.{field}={list(value)} has {len(values)} values but '
-                     f'data.channels={channels}; give 1 or {channels} values.')
+    raise ValueError(f"data.{field}={list(value)} has {len(values)} values but "
+                     f"data.channels={channels}; give 1 or {channels} values.")
   return tuple(values)
 
 
@@ -99,7 +99,7 @@ def _pair(value: Any, field: str) -> tuple[float, float]:
   try:
     lo, hi = (float(v) for v in value)
   except (TypeError, ValueError) as e:
-    raise ValueError(f'{field}={value!r} must be a pair (lo, hi).') from e
+    raise ValueError(f"{field}={value!r} must be a pair (lo, hi).") from e
   return lo, hi
 
 
@@ -119,14 +119,14 @@ def parse_splits(value: Any) -> dict[str, str] | None:
   or 'train=train[:90%],val=train[90%:]' -> {'train': ..., 'val': ...}."""
   if not value:
     return None
-  if hasattr(value, 'items'):
+  if hasattr(value, "items"):
     return {str(k): str(v) for k, v in value.items()}
   out = {}
-  for part in str(value).split(','):
-    name, sep, spec = part.partition('=')
+  for part in str(value).split(","):
+    name, sep, spec = part.partition("=")
     if not sep or not name.strip() or not spec.strip():
       raise ValueError(
-          f'data.tfds_splits={value!r}: give comma-separated name=tfds_split '
+          f"data.tfds_splits={value!r}: give comma-separated name=tfds_split "
           "pairs, e.g. 'train=train[:90%],val=train[90%:]', or '' for the "
           "dataset's own splits.")
     out[name.strip()] = spec.strip()
@@ -143,60 +143,60 @@ def resolve(data_cfg: Any) -> DataConfig:
   def get(name, keep_none=False):
     return lookup(data_cfg, name, lookup(defaults, name), keep_none)
 
-  source = str(get('source'))
+  source = str(get("source"))
   if source not in SOURCES:
-    raise ValueError(f'data.source={source!r} is not one of {list(SOURCES)}.')
-  size = get('image_size')
+    raise ValueError(f"data.source={source!r} is not one of {list(SOURCES)}.")
+  size = get("image_size")
   if isinstance(size, (tuple, list)):
     if len(size) != 2 or size[0] != size[1]:
-      raise ValueError(f'data.image_size={size!r}: only square inputs are '
-                       'supported; give one int.')
+      raise ValueError(f"data.image_size={size!r}: only square inputs are "
+                       "supported; give one int.")
     size = size[0]
   size = int(size)
   if size <= 0:
-    raise ValueError(f'data.image_size={size} must be positive.')
-  channels = int(get('channels'))
+    raise ValueError(f"data.image_size={size} must be positive.")
+  channels = int(get("channels"))
   if channels not in (1, 3):
-    raise ValueError(f'data.channels={channels} must be 1 or 3.')
-  mean = _per_channel(get('mean'), channels, 'mean')
-  std = _per_channel(get('std'), channels, 'std')
+    raise ValueError(f"data.channels={channels} must be 1 or 3.")
+  mean = _per_channel(get("mean"), channels, "mean")
+  std = _per_channel(get("std"), channels, "std")
   if min(std) <= 0:
-    raise ValueError(f'data.std={list(std)} must be positive.')
-  crop_scale = get('augment.crop_scale', keep_none=True)  # None: plain resize
+    raise ValueError(f"data.std={list(std)} must be positive.")
+  crop_scale = get("augment.crop_scale", keep_none=True)  # None: plain resize
   if crop_scale is not None:
-    crop_scale = _pair(crop_scale, 'data.augment.crop_scale')
+    crop_scale = _pair(crop_scale, "data.augment.crop_scale")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-      raise ValueError(f'data.augment.crop_scale={crop_scale} must satisfy '
-                       '0 < lo <= hi <= 1 (fractions of the image area).')
-  crop_ratio = _pair(get('augment.crop_ratio'), 'data.augment.crop_ratio')
+      raise ValueError(f"data.augment.crop_scale={crop_scale} must satisfy "
+                       "0 < lo <= hi <= 1 (fractions of the image area).")
+  crop_ratio = _pair(get("augment.crop_ratio"), "data.augment.crop_ratio")
   if not 0 < crop_ratio[0] <= crop_ratio[1]:
-    raise ValueError(f'data.augment.crop_ratio={crop_ratio} must satisfy '
-                     '0 < lo <= hi.')
-  rotate = float(get('augment.rotate'))
-  intensity = float(get('augment.intensity'))
+    raise ValueError(f"data.augment.crop_ratio={crop_ratio} must satisfy "
+                     "0 < lo <= hi.")
+  rotate = float(get("augment.rotate"))
+  intensity = float(get("augment.intensity"))
   if rotate < 0 or intensity < 0 or intensity >= 1:
-    raise ValueError('data.augment.rotate must be >= 0 degrees and '
-                     'data.augment.intensity in [0, 1); got '
-                     f'{rotate}, {intensity}.')
+    raise ValueError("data.augment.rotate must be >= 0 degrees and "
+                     "data.augment.intensity in [0, 1); got "
+                     f"{rotate}, {intensity}.")
   augment = Augment(crop_scale=crop_scale, crop_ratio=crop_ratio,
-                    hflip=bool(get('augment.hflip')),
-                    vflip=bool(get('augment.vflip')),
+                    hflip=bool(get("augment.hflip")),
+                    vflip=bool(get("augment.vflip")),
                     rotate=rotate, intensity=intensity)
-  prefetch = int(get('prefetch'))
+  prefetch = int(get("prefetch"))
   if prefetch < 0:
-    raise ValueError(f'data.prefetch={prefetch} must be >= 0 (batches read '
-                     'ahead by the training iterator; 0 = none).')
-  data_dir = get('tfds_data_dir')
+    raise ValueError(f"data.prefetch={prefetch} must be >= 0 (batches read "
+                     "ahead by the training iterator; 0 = none).")
+  data_dir = get("tfds_data_dir")
   return DataConfig(
-      source=source, path=str(get('path') or ''), image_size=size,
+      source=source, path=str(get("path") or ""), image_size=size,
       channels=channels, mean=mean, std=std, augment=augment,
-      balance=bool(get('balance')), tfds_name=str(get('tfds_name') or ''),
+      balance=bool(get("balance")), tfds_name=str(get("tfds_name") or ""),
       tfds_data_dir=str(data_dir) if data_dir else None,
-      tfds_image_key=str(get('tfds_image_key')),
-      tfds_label_key=str(get('tfds_label_key')),
-      tfds_mask_key=str(get('tfds_mask_key')),
-      tfds_splits=parse_splits(get('tfds_splits')),
-      val_count=int(get('val_count')),
-      max_train_examples=int(get('max_train_examples')),
-      max_eval_examples=int(get('max_eval_examples')),
-      prefetch=prefetch, cache=check_cache(get('cache')))
+      tfds_image_key=str(get("tfds_image_key")),
+      tfds_label_key=str(get("tfds_label_key")),
+      tfds_mask_key=str(get("tfds_mask_key")),
+      tfds_splits=parse_splits(get("tfds_splits")),
+      val_count=int(get("val_count")),
+      max_train_examples=int(get("max_train_examples")),
+      max_eval_examples=int(get("max_eval_examples")),
+      prefetch=prefetch, cache=check_cache(get("cache")))

@@ -22,8 +22,8 @@ from tpp_jax.data import sources as sources_lib
 Record = dict[str, Any]
 Transform = Callable[[Record, np.random.Generator], Record]
 
-__all__ = ['train_iter', 'eval_batches', 'build_sources', 'class_weights',
-           'balanced_probabilities', 'check_eval_splits']
+__all__ = ["train_iter", "eval_batches", "build_sources", "class_weights",
+           "balanced_probabilities", "check_eval_splits"]
 
 
 class _RandomMap(grain.transforms.RandomMap):
@@ -36,7 +36,7 @@ class _RandomMap(grain.transforms.RandomMap):
     return self.fn(element, rng)
 
   def __repr__(self) -> str:
-    return f'RandomMap({self.fn!r})'
+    return f"RandomMap({self.fn!r})"
 
 
 class _Lookup(grain.transforms.Map):
@@ -58,7 +58,7 @@ class _WeightedIndex(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     del element
     i = int(np.searchsorted(self.cdf, rng.random() * self.cdf[-1],
-                            side='right'))
+                            side="right"))
     return min(i, len(self.cdf) - 1)
 
 
@@ -71,10 +71,10 @@ class _Subset:
 
   def __init__(self, source, indices: np.ndarray, num_valid: int | None = None):
     self.source, self.indices, self.num_valid = source, np.asarray(indices), num_valid
-    for a in ('num_classes', 'class_names', 'task'):
+    for a in ("num_classes", "class_names", "task"):
       if hasattr(source, a):
         setattr(self, a, getattr(source, a))
-    if getattr(source, 'labels', None) is not None:
+    if getattr(source, "labels", None) is not None:
       self.labels = np.asarray(source.labels)[self.indices]
 
   def __len__(self) -> int:
@@ -84,7 +84,7 @@ class _Subset:
     rec = self.source[int(self.indices[i])]
     if self.num_valid is not None:
       rec = dict(rec)
-      rec['valid'] = np.bool_(i < self.num_valid)
+      rec["valid"] = np.bool_(i < self.num_valid)
     return rec
 
 
@@ -101,8 +101,8 @@ def stratified_indices(labels: np.ndarray, fraction: float,
   ``stratified_subset``)."""
   fraction = float(fraction)
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'data.label_fraction={fraction} must be in (0, 1] '
-                     '(e.g. 0.05 for 5% of the training labels).')
+    raise ValueError(f"data.label_fraction={fraction} must be in (0, 1] "
+                     "(e.g. 0.05 for 5% of the training labels).")
   labels = np.asarray(labels, np.int64)
   classes, inverse = np.unique(labels, return_inverse=True)
   counts = np.bincount(inverse, minlength=len(classes))
@@ -111,7 +111,7 @@ def stratified_indices(labels: np.ndarray, fraction: float,
   # Largest remainder: the total is round(fraction * N), each class within 1
   # of its exact share; then at least one example per class.
   extra = int(math.floor(fraction * len(labels) + 0.5)) - int(take.sum())
-  order = np.argsort(-(exact - take), kind='stable')
+  order = np.argsort(-(exact - take), kind="stable")
   take[order[:max(extra, 0)]] += 1
   take = np.maximum(take, 1)
   rng = np.random.default_rng(int(seed))
@@ -129,7 +129,7 @@ def stratified_subset(source: Any, fraction: float, seed: int) -> _Subset:
   the same examples; one seed's subsets are nested across fractions.
   Segmentation sources (no class labels) get a plain random fraction (at
   least one image)."""
-  if getattr(source, 'task', None) == sources_lib.SEGMENTATION:
+  if getattr(source, "task", None) == sources_lib.SEGMENTATION:
     labels = np.zeros(len(source), np.int64)
   else:
     labels = sources_lib.source_labels(source)
@@ -138,8 +138,8 @@ def stratified_subset(source: Any, fraction: float, seed: int) -> _Subset:
 
 def _shard_indices(n: int, shard_index: int, shard_count: int) -> np.ndarray:
   if shard_count < 1 or not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index={shard_index} must be in '
-                     f'[0, shard_count={shard_count}).')
+    raise ValueError(f"shard_index={shard_index} must be in "
+                     f"[0, shard_count={shard_count}).")
   return np.arange(shard_index, n, shard_count)
 
 
@@ -150,7 +150,7 @@ def class_weights(source: Any, num_classes: int | None = None) -> np.ndarray:
   scale); K counts the classes present. Absent classes get weight 0.
   """
   labels = sources_lib.source_labels(source)
-  k = num_classes or getattr(source, 'num_classes', None) or (
+  k = num_classes or getattr(source, "num_classes", None) or (
       int(labels.max()) + 1 if len(labels) else 0)
   counts = np.bincount(labels, minlength=k).astype(np.float64)
   present = counts > 0
@@ -203,8 +203,8 @@ def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
   indices = _shard_indices(len(source), shard_index, shard_count)
   if len(indices) < batch_size:
     raise ValueError(
-        f'shard {shard_index}/{shard_count} has {len(indices)} examples, fewer '
-        f'than batch_size={batch_size}; lower batch_size.')
+        f"shard {shard_index}/{shard_count} has {len(indices)} examples, fewer "
+        f"than batch_size={batch_size}; lower batch_size.")
   shard = _Subset(source, indices)
   if balance:
     labels = sources_lib.source_labels(source)[indices]
@@ -226,8 +226,8 @@ def resolve_workers(workers: str | int) -> int:
   """``data.workers`` -> a process count: 'auto' = cores - 2 (at most 16; 0 below 4 cores), else int >= 0."""
   import os
   text = str(workers).strip().lower()
-  if text == 'auto':
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+  if text == "auto":
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cores < 4 else min(cores - 2, 16)
   try:
     n = int(text)
@@ -255,7 +255,7 @@ def eval_batches(source: Any, transform: Transform, batch_size: int,
   """
   n = len(source)
   if n == 0:
-    raise ValueError('eval_batches: the source is empty.')
+    raise ValueError("eval_batches: the source is empty.")
   indices = _shard_indices(n, shard_index, shard_count)
   total = num_eval_batches(n, batch_size, shard_count) * batch_size
   last = indices[-1] if len(indices) else n - 1
@@ -288,21 +288,21 @@ def check_eval_splits(sources: dict[str, Any], eval_splits: Any, where: str,
     ValueError: none of ``eval_splits`` is in the data and ``needs_eval``.
   """
   if isinstance(eval_splits, str):
-    eval_splits = [s.strip() for s in eval_splits.split(',') if s.strip()]
+    eval_splits = [s.strip() for s in eval_splits.split(",") if s.strip()]
   wanted = list(dict.fromkeys(str(s) for s in eval_splits or ()))
   missing = [s for s in wanted if s not in sources]
   if needs_eval and wanted and len(missing) == len(wanted):
     have = sorted(sources)
-    held_out = [s for s in have if s != 'train']
-    fix = (f"--config.eval_splits=\"{tuple(held_out)!r}\""
-           if held_out else "--config.eval_splits=\"()\" (no final metrics)")
+    held_out = [s for s in have if s != "train"]
+    fix = (f'--config.eval_splits="{tuple(held_out)!r}"'
+           if held_out else '--config.eval_splits="()" (no final metrics)')
     raise ValueError(
         f'{where} has none of eval_splits={wanted} (its splits: {have}), so '
         'the final metrics would be empty. Add a '
         f'{" / ".join(repr(s) for s in wanted)} split to the data or set '
         f'{fix}.')
   return [f"warning: {where} has no {s!r} split; eval_splits asks for it, so "
-          'final metrics skip it' for s in missing]
+          "final metrics skip it" for s in missing]
 
 
 def _tfds_splits(cfg: config_lib.DataConfig) -> dict[str, str]:
@@ -311,11 +311,11 @@ def _tfds_splits(cfg: config_lib.DataConfig) -> dict[str, str]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir,
-                           file_format='array_record')
+                           file_format="array_record")
     names = list(builder.info.splits.keys())
   except Exception:  # pylint: disable=broad-except
-    names = ['train']  # TfdsSource raises the clear error.
-  return {('val' if s == 'validation' else s): s for s in names}
+    names = ["train"]  # TfdsSource raises the clear error.
+  return {("val" if s == "validation" else s): s for s in names}
 
 
 def build_sources(data_cfg: Any, num_classes: int | None = None
@@ -335,59 +335,59 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
 
   def cache(split: str) -> str:
     """'auto' is 'off' for a split the run cuts to data.max_*_examples."""
-    limit = (cfg.max_train_examples if split == 'train'
+    limit = (cfg.max_train_examples if split == "train"
              else cfg.max_eval_examples)
-    return 'off' if cfg.cache == 'auto' and limit else cfg.cache
+    return "off" if cfg.cache == "auto" and limit else cfg.cache
 
-  if kind == 'npz':
+  if kind == "npz":
     p = sources_lib.check_path(
-        cfg.path, 'data.path', 'a MedMNIST-style .npz file')
+        cfg.path, "data.path", "a MedMNIST-style .npz file")
     if p.is_dir():
-      raise ValueError(f'data.path: {p} is a folder; data.source=npz needs a '
-                       '.npz file.')
-    with sources_lib.open_npz(p, 'data.path') as npz:
+      raise ValueError(f"data.path: {p} is a folder; data.source=npz needs a "
+                       ".npz file.")
+    with sources_lib.open_npz(p, "data.path") as npz:
       keys = set(npz.files)
-    splits = [s for s in ('train', 'val', 'test')
-              if f'{s}_images' in keys and f'{s}_labels' in keys]
+    splits = [s for s in ("train", "val", "test")
+              if f"{s}_images" in keys and f"{s}_labels" in keys]
     if not splits:
-      raise ValueError(f'data.path: {p} has no {{split}}_images / '
-                       f'{{split}}_labels pairs (keys: {sorted(keys)}).')
+      raise ValueError(f"data.path: {p} has no {{split}}_images / "
+                       f"{{split}}_labels pairs (keys: {sorted(keys)}).")
     return {s: sources_lib.NpzSource(p, s, num_classes=num_classes,
                                      cache=cache(s))
             for s in splits}
-  if kind == 'seg_folder':
+  if kind == "seg_folder":
     root = sources_lib.check_path(
-        cfg.path, 'data.path', 'a folder with images/, masks/ and split.csv')
-    csv_path = root / 'split.csv'
+        cfg.path, "data.path", "a folder with images/, masks/ and split.csv")
+    csv_path = root / "split.csv"
     if not csv_path.exists():
-      raise FileNotFoundError(f'data.path: {csv_path} not found; '
-                              'data.source=seg_folder needs split.csv.')
+      raise FileNotFoundError(f"data.path: {csv_path} not found; "
+                              "data.source=seg_folder needs split.csv.")
     import csv  # pylint: disable=g-import-not-at-top
-    with open(csv_path, newline='') as f:
-      found = {r.get('split') for r in csv.DictReader(f)}
-    splits = [s for s in ('train', 'val', 'test') if s in found] + sorted(
-        s for s in found if s and s not in ('train', 'val', 'test'))
+    with open(csv_path, newline="") as f:
+      found = {r.get("split") for r in csv.DictReader(f)}
+    splits = [s for s in ("train", "val", "test") if s in found] + sorted(
+        s for s in found if s and s not in ("train", "val", "test"))
     return {s: sources_lib.SegFolderSource(root, s, num_classes=num_classes,
                                            cache=cache(s))
             for s in splits}
-  if kind == 'class_folder':
+  if kind == "class_folder":
     root = sources_lib.check_path(
-        cfg.path, 'data.path', 'a folder root/<split>/<class_name>/*.png')
+        cfg.path, "data.path", "a folder root/<split>/<class_name>/*.png")
     found = sorted(d.name for d in root.iterdir()
-                   if d.is_dir() and not d.name.startswith('.'))
-    mapping = {('val' if s == 'validation' else s): s for s in found}
+                   if d.is_dir() and not d.name.startswith("."))
+    mapping = {("val" if s == "validation" else s): s for s in found}
     return {k: sources_lib.ClassFolderSource(root, s, num_classes=num_classes,
                                              cache=cache(k))
             for k, s in mapping.items()}
-  if kind == 'tfds':
+  if kind == "tfds":
     return {k: sources_lib.TfdsSource(
         cfg.tfds_name, s, data_dir=cfg.tfds_data_dir,
         image_key=cfg.tfds_image_key, label_key=cfg.tfds_label_key,
         mask_key=cfg.tfds_mask_key, num_classes=num_classes)
             for k, s in _tfds_splits(cfg).items()}
-  if kind == 'jpeg_npz':
+  if kind == "jpeg_npz":
     return {s: sources_lib.JpegNpzSource(cfg.path, s, val_count=cfg.val_count,
                                          cache=cache(s))
-            for s in ('train', 'val')}
-  raise ValueError(f'data.source={kind!r} is not one of '
-                   f'{list(config_lib.SOURCES)}.')
+            for s in ("train", "val")}
+  raise ValueError(f"data.source={kind!r} is not one of "
+                   f"{list(config_lib.SOURCES)}.")

@@ -33,37 +33,37 @@ def _to_pil(image: np.ndarray) -> Image.Image:
   if image.dtype != np.uint8 or image.ndim not in (2, 3):
     return Image.fromarray(image)
   image = np.ascontiguousarray(image)
-  mode = 'L' if image.ndim == 2 else 'RGB'
-  return Image.frombuffer(mode, image.shape[1::-1], image, 'raw', mode, 0, 1)
+  mode = "L" if image.ndim == 2 else "RGB"
+  return Image.frombuffer(mode, image.shape[1::-1], image, "raw", mode, 0, 1)
 
 
 def _from_pil(img: Image.Image, channels: int) -> np.ndarray:
   """PIL image -> uint8 (H, W, channels); (H, W) for a grey one if channels
   is 0 (masks)."""
-  if img.mode not in ('L', 'RGB'):
+  if img.mode not in ("L", "RGB"):
     arr = np.asarray(img)
   else:
     w, h = img.size
     arr = np.frombuffer(img.tobytes(), np.uint8).reshape(
-        (h, w) if img.mode == 'L' else (h, w, 3))
+        (h, w) if img.mode == "L" else (h, w, 3))
   return arr[..., None] if channels == 1 and arr.ndim == 2 else arr
 
 
 def _resize_pair(record: Record, size: int,
                  box: Sequence[float] | None = None) -> Record:
   """Resizes (the ``box`` crop of) image and mask to ``size`` x ``size``."""
-  image = record['image']
+  image = record["image"]
   out = dict(record)
   h, w = image.shape[:2]
   if box is None and (h, w) == (size, size):
     return out
   box = tuple(float(b) for b in box) if box is not None else None
-  out['image'] = _from_pil(
+  out["image"] = _from_pil(
       _to_pil(image).resize((size, size), Image.BILINEAR, box=box),
       image.shape[-1])
-  if 'mask' in record:
-    out['mask'] = np.asarray(
-        Image.fromarray(record['mask']).resize((size, size), Image.NEAREST,
+  if "mask" in record:
+    out["mask"] = np.asarray(
+        Image.fromarray(record["mask"]).resize((size, size), Image.NEAREST,
                                                box=box))
   return out
 
@@ -105,7 +105,7 @@ def random_resized_crop(record: Record, rng: np.random.Generator, size: int,
                         scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Record:
   """Crops a random area fraction ``scale`` / aspect ``ratio``; resizes."""
-  h, w = record['image'].shape[:2]
+  h, w = record["image"].shape[:2]
   return _resize_pair(record, size, crop_box(rng, h, w, scale, ratio))
 
 
@@ -113,7 +113,7 @@ def hflip(record: Record, rng: np.random.Generator, p: float = 0.5) -> Record:
   """Flips image and mask left-right with probability ``p``."""
   if rng.random() >= p:
     return record
-  return {k: (v[:, ::-1] if k in ('image', 'mask') else v)
+  return {k: (v[:, ::-1] if k in ("image", "mask") else v)
           for k, v in record.items()}
 
 
@@ -121,7 +121,7 @@ def vflip(record: Record, rng: np.random.Generator, p: float = 0.5) -> Record:
   """Flips image and mask top-bottom with probability ``p``."""
   if rng.random() >= p:
     return record
-  return {k: (v[::-1] if k in ('image', 'mask') else v)
+  return {k: (v[::-1] if k in ("image", "mask") else v)
           for k, v in record.items()}
 
 
@@ -134,13 +134,13 @@ def rotate(record: Record, rng: np.random.Generator, degrees: float) -> Record:
     return record
   angle = float(rng.uniform(-degrees, degrees))
   out = dict(record)
-  image = np.ascontiguousarray(record['image'])
-  out['image'] = _from_pil(
+  image = np.ascontiguousarray(record["image"])
+  out["image"] = _from_pil(
       _to_pil(image).rotate(angle, resample=Image.BILINEAR, fillcolor=0),
       image.shape[-1])
-  if 'mask' in record:
-    out['mask'] = np.asarray(
-        Image.fromarray(np.ascontiguousarray(record['mask'])).rotate(
+  if "mask" in record:
+    out["mask"] = np.asarray(
+        Image.fromarray(np.ascontiguousarray(record["mask"])).rotate(
             angle, resample=Image.NEAREST, fillcolor=0))
   return out
 
@@ -157,8 +157,8 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     if image.dtype == np.uint8:
       grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
     return grey[..., None]
-  raise ValueError(f'cannot convert a {c}-channel image to {channels} '
-                   'channels; images must have 1 or 3 channels.')
+  raise ValueError(f"cannot convert a {c}-channel image to {channels} "
+                   "channels; images must have 1 or 3 channels.")
 
 
 def intensity_jitter(image: np.ndarray, rng: np.random.Generator,
@@ -237,8 +237,8 @@ class RecordTransform:
     shape = (self.image_size, self.image_size, self.channels)
     scale = np.float32(1 / 255) / std
     offset = np.asarray(self.mean, np.float32) / std
-    object.__setattr__(self, '_scale', np.broadcast_to(scale, shape).copy())
-    object.__setattr__(self, '_offset', np.broadcast_to(offset, shape).copy())
+    object.__setattr__(self, "_scale", np.broadcast_to(scale, shape).copy())
+    object.__setattr__(self, "_offset", np.broadcast_to(offset, shape).copy())
 
   def _normalize(self, image: np.ndarray) -> np.ndarray:
     if image.shape != self._scale.shape:
@@ -251,8 +251,8 @@ class RecordTransform:
     aug = self.augment
     train = self.train
     if train and rng is None:
-      raise ValueError('the training transform needs an np.random.Generator.')
-    image = record['image']
+      raise ValueError("the training transform needs an np.random.Generator.")
+    image = record["image"]
     box, flip_h, flip_v, angle = None, False, False, None
     if train:
       if aug.crop_scale is not None:
@@ -268,14 +268,14 @@ class RecordTransform:
     if train and aug.intensity > 0:
       image = intensity_jitter(image, rng, aug.intensity)
     out = {k: v for k, v in record.items()
-           if k not in ('image', 'mask', 'label')}  # extra keys, e.g. 'valid'
-    out['image'] = self._normalize(image)
-    if 'mask' in record:
-      mask = _geometry(record['mask'], size, box, flip_h, flip_v, angle,
+           if k not in ("image", "mask", "label")}  # extra keys, e.g. 'valid'
+    out["image"] = self._normalize(image)
+    if "mask" in record:
+      mask = _geometry(record["mask"], size, box, flip_h, flip_v, angle,
                        Image.NEAREST)
-      out['mask'] = np.ascontiguousarray(mask, dtype=np.int32)
-    if 'label' in record:
-      out['label'] = np.int32(record['label'])
+      out["mask"] = np.ascontiguousarray(mask, dtype=np.int32)
+    if "label" in record:
+      out["label"] = np.int32(record["label"])
     return out
 
 
@@ -315,10 +315,10 @@ class MultiView:
                rng: np.random.Generator | None = None) -> Record:
     out = self.base(record, rng)
     if self.views >= 2:
-      out['image2'] = self.base(record, rng)['image']
+      out["image2"] = self.base(record, rng)["image"]
     if self.local is not None and self.local_crops > 0:
-      image_only = {'image': record['image']}
-      out['local'] = np.stack([self.local(image_only, rng)['image']
+      image_only = {"image": record["image"]}
+      out["local"] = np.stack([self.local(image_only, rng)["image"]
                                for _ in range(self.local_crops)])
     return out
 
@@ -341,8 +341,8 @@ def make_views(train_fn: Any, data_cfg: Any, views: int = 1,
   local = None
   if local_crops > 0:
     if not local_crop_size or local_crop_size <= 0:
-      raise ValueError(f'pretext.local_crop_size={local_crop_size} must be '
-                       'positive when pretext.local_crops > 0.')
+      raise ValueError(f"pretext.local_crop_size={local_crop_size} must be "
+                       "positive when pretext.local_crops > 0.")
     cfg = config_lib.resolve(data_cfg)
     aug = dataclasses.replace(
         cfg.augment, crop_scale=tuple(float(s) for s in local_crop_scale))

@@ -80,7 +80,8 @@ class ViTConfig:
     """'B/16' -> ViT-B with 16 px patches; keyword overrides win (width=..., depth=..., ...)."""
     m = re.fullmatch(r"([A-Za-z]+\d*)/(\d+)", variant)
     if not m or m.group(1) not in VARIANTS:
-      raise ValueError(f"model.variant={variant!r}; expected NAME/PATCH with NAME in {sorted(VARIANTS)} (e.g. 'Ti/16').")
+      raise ValueError(f"model.variant={variant!r}; expected NAME/PATCH with NAME in {sorted(VARIANTS)} "
+                       "(e.g. 'Ti/16').")
     w, d, h, mlp = VARIANTS[m.group(1)]
     base = dict(width=w, depth=d, heads=h, mlp_dim=mlp, patch=int(m.group(2)))
     base.update({k: v for k, v in overrides.items() if v is not None})
@@ -193,9 +194,10 @@ class ViT(nn.Module):
 
   def embed(self, images):
     c = self.cfg
-    if images.ndim != 4 or images.shape[-1] != c.channels or images.shape[1] != c.image_size or images.shape[2] != c.image_size:
+    if images.ndim != 4 or tuple(images.shape[1:]) != (c.image_size, c.image_size, c.channels):
       raise ValueError(f"ViT expects images of shape (B, {c.image_size}, {c.image_size}, {c.channels}); got "
-                       f"{tuple(images.shape)}. Set model.image_size / model.channels or data.image_size / data.channels.")
+                       f"{tuple(images.shape)}. Set model.image_size / model.channels or data.image_size / "
+                       "data.channels.")
     x = nn.Conv(c.width, (c.patch, c.patch), strides=(c.patch, c.patch), padding="VALID",
                 dtype=c.jnp_dtype, name="patch_embed")(images.astype(c.jnp_dtype))
     return x.reshape(x.shape[0], -1, c.width)
