@@ -3,4 +3,4 @@
   python -m tpp_jax.main --config configs/house_backbone.py --workdir runs/house
 The code is tpp_jax/configs/house_backbone.py (shipped); this file keeps the path working in a checkout.
 """
-from tpp_jax.configs.house_backbone import TRAIN_IMAGES, get_config  # noqa: F401
+from tpp_jax.configs.house_backbone import get_config  # noqa: F401

@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tpp_jax import config as config_lib
-from tpp_jax import engine
+from tpp_jax import engine, main
 from tpp_jax import tree as tree_lib
 from tpp_jax import workdir as workdir_lib
 
@@ -190,3 +190,16 @@ def test_rerun_after_losing_checkpoints_newer_than_best_resumes_to_the_same_resu
   again = json.loads((wd / "summary.json").read_text())
   assert again["final"] == first["final"] and again["best"] == first["best"]
   assert sorted(p.name for p in (wd / "best").iterdir()) == [str(best_step)]
+
+
+def test_epochs_set_steps_from_the_train_split_through_the_common_parser(tmp_path):
+  """`:epochs=N` is an ordinary key=value of the config argument; the engine turns it into steps from the data."""
+  c = load_config("house_backbone", "epochs=3")
+  assert c.epochs == 3
+  arg = "demo,smoke,epochs=2,data.max_train_examples=40,batch_size=16,eval_every=0,checkpoint_every=0"
+  summary = main.run(load_config("experiment", arg), str(tmp_path / "run"))
+  assert summary["steps"] == 5 == -(-2 * 40 // 16)  # ceil(epochs x train examples / batch size)
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 5
+  again = main.run(load_config("experiment", arg), str(tmp_path / "run"))  # the rerun resolves the same steps
+  assert again["final"] == summary["final"]
+

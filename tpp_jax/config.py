@@ -86,6 +86,7 @@ def base_config() -> mlc.ConfigDict:
       lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=20, min_lr_ratio=0.01,
       layer_decay=1.0))          # layer-wise lr decay in (0, 1] (BEiT/MAE; engine.make_tx); 1.0 = off
   c.steps = 200
+  c.epochs = 0                 # > 0: steps = ceil(epochs x train examples / batch_size), from the data (engine)
   c.batch_size = 64
   c.eval_every = 100
   c.eval_batch_size = 128
@@ -230,6 +231,11 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
                       "set both (grey images are repeated to 3 channels when data.channels=3).")
   if not 0.0 < c.pretext.mask_ratio < 1.0:
     raise ConfigError(f"pretext.mask_ratio={c.pretext.mask_ratio} must be in (0, 1).")
+  if int(c.epochs) < 0:
+    raise ConfigError(f"epochs={c.epochs} must be >= 0 (0: train `steps` steps).")
+  if int(c.epochs) and c.stage == "pipeline" and c.pipeline.compute_matched:
+    raise ConfigError("pipeline.compute_matched=True needs the fine-tune budget in steps: set --config.steps and "
+                      "--config.epochs=0.")
   if not 0.0 < float(c.optim.layer_decay) <= 1.0:
     raise ConfigError(f"optim.layer_decay={c.optim.layer_decay} must be in (0, 1] (e.g. 0.75; 1.0 = off).")
   if c.task.num_classes < 2:

@@ -12,6 +12,7 @@ Stages differ only by their entry in stages.STAGES: the partition rules, the obj
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -285,9 +286,19 @@ def build_sources(config) -> dict:
   return sources
 
 
-def build_data(config, objective) -> tuple[dict, Any, Any]:
+def steps_from_epochs(config, sources: dict):
+  """config with steps = ceil(epochs × len(train) / batch_size) when config.epochs > 0 (else config itself)."""
+  if not int(config.get("epochs", 0)):
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.steps = math.ceil(int(config.epochs) * len(sources["train"]) / int(config.batch_size))
+  return config
+
+
+def build_data(config, objective, sources: dict | None = None) -> tuple[dict, Any, Any]:
   """(sources, train transform, eval transform) for training `objective`; sets its class weights if asked."""
-  sources = build_sources(config)
+  sources = build_sources(config) if sources is None else sources
   if objective.needs_labels and config.data.source == "jpeg_npz":
     raise ConfigError("data.source='jpeg_npz' has no labels; use it for stage 'pretrain' or 'tpp'.")
   train_fn = data_transforms.make_transform(config.data, train=True)
@@ -305,8 +316,10 @@ def build_data(config, objective) -> tuple[dict, Any, Any]:
 class Trainer:
   """Builds everything for one stage from a config; .run() trains (or resumes) and evaluates."""
 
-  def __init__(self, config: mlc.ConfigDict, workdir: str | os.PathLike, devices=None):
-    self.config = config = config_lib.validate(config)
+  def __init__(self, config: mlc.ConfigDict, workdir: str | os.PathLike, devices=None, sources: dict | None = None):
+    config = config_lib.validate(config)
+    sources = build_sources(config) if sources is None else sources
+    self.config = config = steps_from_epochs(config, sources)  # config.epochs > 0: steps from the train split
     self.workdir = pathlib.Path(workdir).absolute()
     built = build(config, devices)  # (a) nothing read but the config
     self.built, self.stage, self.mesh = built, built.stage, built.mesh
@@ -316,7 +329,7 @@ class Trainer:
     n_proc = jax.process_count()
     self.local_batch = int(config.batch_size) // n_proc
     self.local_eval_batch = int(config.eval_batch_size) // n_proc
-    self.sources, self.train_fn, self.eval_fn = build_data(config, self.objective)  # (c)
+    self.sources, self.train_fn, self.eval_fn = build_data(config, self.objective, sources)  # (c)
     for line in data_pipeline.check_eval_splits(self.sources, config.eval_splits, f"data.path={config.data.path}",
                                                 needs_eval=self.stage.needs_labels):
       print(line, file=sys.stderr)
@@ -541,9 +554,13 @@ def train(config, workdir) -> dict:
   wd = pathlib.Path(workdir).absolute()
   is_main = jax.process_index() == 0
   with workdir_lib.lock(wd, enabled=is_main), workdir_lib.stop_signals():
+    sources = None
+    if int(config.get("epochs", 0)):  # steps come from the train split's size: known once the data is built
+      sources = build_sources(config)
+      config = steps_from_epochs(config, sources)
     workdir_lib.check_config(config, wd)
     done = workdir_lib.finished_summary(config, wd)
     if done is not None:
       print(f"{wd} holds this run, finished ({done['steps']} steps); nothing to do (summary.json kept).")
       return done
-    return Trainer(config, wd)._loop()
+    return Trainer(config, wd, sources=sources)._loop()

@@ -74,7 +74,7 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
         src = f"{frac}/{arm.target_from}" if frac and labelled.get(arm.target_from) else arm.target_from
         target_init = str(workdir / f"seed_{seed}" / src)
       if stages.get(arm.stage).objective == "pretext":  # the pretext arm runs on the pipeline's TPP budget
-        c = derive(stage=arm.stage, steps=int(p.tpp_steps), batch_size=int(p.tpp_batch_size),
+        c = derive(stage=arm.stage, steps=int(p.tpp_steps), epochs=0, batch_size=int(p.tpp_batch_size),
                    target_init=target_init, eval_splits=("val",), best_metric="")
         with c.unlocked():
           c.optim.lr = float(p.tpp_lr)

@@ -49,7 +49,7 @@ def smoke(c):
   """Tiny and short: the same code path in seconds (used by the tests)."""
   c.model.update(variant="Mu/8", depth=2)
   c.init.path = ""
-  c.update(steps=6, batch_size=16, eval_batch_size=32, log_every=2, eval_every=0, checkpoint_every=3)
+  c.update(steps=6, epochs=0, batch_size=16, eval_batch_size=32, log_every=2, eval_every=0, checkpoint_every=3)
   c.pretext.update(decoder_width=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64,
                    dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16)
   c.task.seg_decoder_dim = 16
