@@ -104,3 +104,15 @@ def jpeg_bytes(img):
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, format="JPEG", quality=95)
   return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+@pytest.fixture
+def sp_stats():
+  """scipy.stats, the independent reference of the paired statistics (skipped without scipy outside CI)."""
+  try:
+    from scipy import stats
+  except ImportError:
+    if os.environ.get("CI", "").lower() == "true":
+      raise
+    pytest.skip("scipy (the reference for the paired statistics) is not installed: pip install scipy")
+  return stats

@@ -138,16 +138,6 @@ def test_cli_pipeline_with_label_fractions_and_compute_matched_baseline(tmp_path
 # ------------------------------------------------------------------------------------------------
 # The report's label-efficiency table from fixed fake summaries.
 
-@pytest.fixture
-def sp_stats():
-  try:
-    from scipy import stats
-  except ImportError:
-    import os
-    if os.environ.get("CI", "").lower() == "true":
-      raise
-    pytest.skip("scipy (the reference for the paired statistics) is not installed: pip install scipy")
-  return stats
 
 
 FRACS = {0.1: 40, 1.0: 400}

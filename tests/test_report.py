@@ -279,16 +279,6 @@ def test_cli_writes_report_into_first_dir(tmp_path, capsys):
 # Paired statistics (TPP − baseline per seed): checked against scipy, the independent reference.
 
 
-@pytest.fixture
-def sp_stats():
-  try:
-    from scipy import stats
-  except ImportError:
-    import os
-    if os.environ.get("CI", "").lower() == "true":
-      raise
-    pytest.skip("scipy (the reference for the paired statistics) is not installed: pip install scipy")
-  return stats
 
 
 def paired_rows(text: str) -> tuple[list[str], list[list[str]]]:
