@@ -132,3 +132,9 @@ def test_checkpoint_decoder_that_does_not_fit_is_one_error_not_a_half_load(tmp_p
   house = engine.Trainer(load_config("experiment", "demo,house,stage=tpp,data.max_train_examples=32"),
                          tmp_path / "run3")
   assert house.init_source.endswith("(+ MAE decoder)")  # the preset's decoder is the checkpoint's, whole
+
+
+def test_a_wrong_type_in_the_config_argument_is_one_line_and_one_value_fills_a_tuple():
+  with pytest.raises(config_lib.ConfigError, match=r"steps='abc' has the wrong type: the field holds int values"):
+    load_config("default", "smoke,steps=abc")
+  assert load_config("default", "smoke,pipeline.label_fractions=0.25").pipeline.label_fractions == (0.25,)

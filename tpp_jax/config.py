@@ -133,7 +133,14 @@ def apply_overrides(config: mlc.ConfigDict, overrides: Mapping[str, Any]) -> mlc
     node = config
     for part in path:
       node = node[part]
-    node[last] = value
+    old = node[last]
+    if isinstance(old, tuple) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+      value = (value,)  # one value for a tuple field: a 1-tuple (e.g. pipeline.label_fractions=0.2)
+    try:
+      node[last] = value
+    except TypeError:
+      raise ConfigError(f"{key}={value!r} has the wrong type: the field holds {type(old).__name__} values "
+                        f"(now {old!r}).") from None
   return config
 
 
