@@ -73,6 +73,11 @@ def test_pipeline_killed_at_any_point_resumes_to_the_uninterrupted_result(tmp_pa
   main.run(load_config("default", PIPE_ARG), str(wd))
   assert capsys.readouterr().out.count("nothing to do") == 3
   assert {p: p.read_bytes() for p in (wd / "seed_0").rglob("*") if p.is_file()} == files
+  # fewer steps: refused by the first arm that trained more, before the pipeline writes anything
+  files = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+  with pytest.raises(config_lib.ConfigError, match="trained to 6 steps; --config.steps=4 would relabel"):
+    main.run(load_config("default", PIPE_ARG + ",steps=4"), str(wd))
+  assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()} == files
 
 
 def test_fewer_steps_on_a_finished_run_is_refused_and_changes_nothing(finished_run):

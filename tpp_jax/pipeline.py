@@ -96,10 +96,14 @@ def run(config, workdir) -> dict:
   is_main = jax.process_index() == 0
   with workdir_lib.lock(wd, enabled=is_main), workdir_lib.stop_signals():
     workdir_lib.check_config(config, wd)
+    seeds = [int(config.seed) + i for i in range(int(config.seeds))]
+    for seed in seeds:  # every arm that exists must accept its config before anything is written
+      for arm, cfg in arm_configs(config, seed, wd).items():
+        if int(cfg.get("epochs", 0)) == 0:  # (epochs: the steps are known once the arm builds its data)
+          workdir_lib.check_config(cfg, wd / f"seed_{seed}" / arm)
     from tpp_jax import config as config_lib
     if is_main:
       (wd / "config.json").write_text(config_lib.to_json(config))
-    seeds = [int(config.seed) + i for i in range(int(config.seeds))]
     summaries = {}
     for seed in seeds:
       for arm, cfg in arm_configs(config, seed, wd).items():
