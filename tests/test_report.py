@@ -386,3 +386,72 @@ def test_paired_table_baseline_better_and_zero_variance(tmp_path, sp_stats):
     mean, lo, hi, p = scipy_paired(sp_stats, tpp[k], base[k])
     assert rows[k][5:7] == [f"[{lo:+.4f}, {hi:+.4f}]", f"{p:.3g}"] and rows[k][7] == scipy_verdict(mean, p)
   assert rows["auc"][7] == "baseline better" and rows["macro_f1"][7] == "TPP better"
+
+
+# ----------------------------------------------------------------------------------------------
+# Selected by validation (summary.json best / best_final) and the bracket arms (linear, full).
+
+
+def add_best(run, step, rng):
+  """Give a fake run a kept best checkpoint at `step` and its metrics on every split (summary best / best_final)."""
+  path = pathlib.Path(run) / "summary.json"
+  s = json.loads(path.read_text())
+  s["best"] = {"step": step, "metric": "auc", "value": float(rng.uniform(0.5, 1))}
+  s["best_final"] = s["final"] if step == s["steps"] else {
+      split: {k: float(rng.uniform(0.4, 0.95)) for k in m} for split, m in s["final"].items()}
+  path.write_text(json.dumps(s))
+  return s["best_final"]
+
+
+def test_selected_by_validation_tables_and_brackets_match_numpy_and_scipy(tmp_path, sp_stats):
+  make_pipeline(tmp_path, seeds=(0, 1, 2))
+  rng = np.random.default_rng(7)
+  steps = {"tpp_finetune": (10, 20, 14), "baseline": (20, 6, 8), "linear": (20, 20, 20), "full": (4, 4, None)}
+  best = {}
+  for s in range(3):
+    for arm in ("linear", "full"):
+      make_run(tmp_path / f"seed_{s}" / arm, arm, s, rng=rng)
+    for arm, at in steps.items():
+      if at[s] is not None:  # full seed 2: a run without a kept best (e.g. an older summary)
+        best[(s, arm)] = add_best(tmp_path / f"seed_{s}" / arm, at[s], rng)
+  recs = report.collect([tmp_path])
+  assert [r["arm"] for r in recs if r["seed"] == 0] == ["tpp_finetune", "baseline", "linear", "full", "tpp"]
+
+  header, rows = table_rows(report.metric_table(recs, "test"))
+  assert header[3:7] == list(CLS) and header[7:10] == ["steps", "best step", "auc @ best step"]
+  assert rows["`linear`"][1] == rows["`full`"][1] == "none"  # no PEFT parameters in the brackets
+  assert rows["`tpp_finetune`"][7:9] == ["20", "14.7 (10–20)"] and rows["`full`"][7:9] == ["20", "4"]
+  for arm in steps:
+    want = fmt([best[(s, arm)]["test"]["auc"] for s in range(3) if (s, arm) in best])
+    assert rows[f"`{arm}`"][9] == want, arm
+  d = np.asarray([best[(s, "tpp_finetune")]["test"]["auc"] - best[(s, "baseline")]["test"]["auc"] for s in range(3)])
+  assert rows["**TPP − baseline**"][9] == f"**{d.mean():+.4f} ± {d.std(ddof=1):.4f}**"
+  assert not any("linear" in k or "full" in k for k in rows if k.startswith("**"))  # no paired test for brackets
+
+  header, rows = table_rows(report.metric_table(recs, "test", "best_final"))
+  assert header[3:] == [*CLS, "steps", "best step"]
+  assert rows["`full`"][2] == "2" and rows["`full`"][header.index("best step")] == "4"
+  for arm in steps:
+    for k in CLS:
+      assert rows[f"`{arm}`"][header.index(k)] == fmt([best[(s, arm)]["test"][k] for s in range(3) if (s, arm) in best])
+
+  table = report.paired_table(recs, "test", source="best_final")
+  header, rows = paired_rows(table)
+  assert header == ["comparison", "peft", "metric", "n", "best step (TPP / baseline)", "TPP − baseline", "95% CI",
+                    "p", "verdict"]
+  assert "checkpoint selected by validation" in table
+  for row in rows:
+    k = row[2]
+    mean, lo, hi, p = scipy_paired(sp_stats, [best[(s, "tpp_finetune")]["test"][k] for s in range(3)],
+                                   [best[(s, "baseline")]["test"][k] for s in range(3)])
+    assert row[4] == "14.7 (10–20) / 11.3 (6–20)"
+    assert row[5:8] == [f"{mean:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]", f"{p:.3g}"] and row[8] == scipy_verdict(mean, p)
+
+  md = report.write_report(tmp_path).read_text()
+  section = md.split("\n## Test metrics\n")[1].split("\n## ")[0]
+  assert "### Selected by validation (best step): test metrics" in section and "**Brackets**" in md
+  data = json.loads((tmp_path / "comparison.json").read_text())
+  sel = {e["metric"]: e for e in data["selected_by_validation"]["splits"]["test"]}
+  assert sel["auc"]["tpp_values"] == [best[(s, "tpp_finetune")]["test"]["auc"] for s in range(3)]
+  assert sel["auc"]["tpp_best_steps"] == [10, 20, 14] and sel["auc"]["baseline_best_steps"] == [20, 6, 8]
+  assert {e["comparison"] for e in data["selected_by_validation"]["splits"]["val"]} == {"TPP − baseline"}

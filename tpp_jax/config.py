@@ -106,8 +106,10 @@ def base_config() -> mlc.ConfigDict:
   # label_fractions: the fine-tune arms run once per labelled fraction of the train split (F < 1 in
   # DIR/seed_S/frac_F/); the TPP arm runs once per seed on all training images.
   # compute_matched: add the arm baseline_matched, the baseline trained tpp_steps + steps steps.
+  # brackets: add the arms linear (linear probe: task head only) and full (full fine-tune: backbone + head), same
+  # backbone, data, steps, optimizer and seed as the baseline, once per labelled fraction.
   c.pipeline = mlc.ConfigDict(dict(tpp_steps=200, tpp_lr=1e-3, tpp_batch_size=64, report=True,
-                                   label_fractions=(1.0,), compute_matched=False))
+                                   label_fractions=(1.0,), compute_matched=False, brackets=False))
   return c
 
 
@@ -243,6 +245,9 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   if int(c.epochs) and c.stage == "pipeline" and c.pipeline.compute_matched:
     raise ConfigError("pipeline.compute_matched=True needs the fine-tune budget in steps: set --config.steps and "
                       "--config.epochs=0.")
+  for f in ("compute_matched", "brackets"):
+    if not isinstance(c.pipeline[f], bool):
+      raise ConfigError(f"pipeline.{f}={c.pipeline[f]!r} must be True or False.")
   if not 0.0 < float(c.optim.layer_decay) <= 1.0:
     raise ConfigError(f"optim.layer_decay={c.optim.layer_decay} must be in (0, 1] (e.g. 0.75; 1.0 = off).")
   if c.task.num_classes < 2:

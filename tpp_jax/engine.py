@@ -458,13 +458,14 @@ class Trainer:
       logger.log_images(steps, self, "val" if "val" in final else next(iter(final)))
     if "val" in final:
       best = self._keep_best(steps, final["val"], store, best)
+    best_final = self._best_final(store, best, final, steps)
     store.close()
     images_per_sec = float(c.batch_size) * timed_steps / t_timed if t_timed else None
     summary = {
         "stage": c.stage, "config": c.to_dict(), "steps": steps,
         "params": {k: self.counts[k] for k in ("total", "trainable", "target", "head", "backbone")},
         "init": self.init_source, "target_init": self.target_init,
-        "final": final, "best": best,
+        "final": final, "best": best, "best_final": best_final,
         "images_per_sec": images_per_sec, "wall_time_s": time.time() - t_start,
         "data": {"train_examples": len(self.sources["train"])},  # after max_train_examples / label_fraction
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
@@ -507,6 +508,16 @@ class Trainer:
                       {"metric": self.best_metric, "value": v, "step": step})
       best = {"step": step, "metric": self.best_metric, "value": v}
     return best
+
+  def _best_final(self, store, best, final: dict, steps: int) -> dict | None:
+    """{split: metrics} of the kept best checkpoint on the final eval splits (`final` itself when the best is the
+    last step; None when no best was kept). Restored through the store (checksums verified); nothing is logged."""
+    if best is None or not final:
+      return None
+    if int(best["step"]) == steps:
+      return final
+    state, _ = store.restore_best({"params": self.state["params"], "aux": self.state["aux"]})
+    return {split: self.evaluate(split, state["params"], state["aux"]) for split in final}
 
   def _check_finite(self, store):
     """Read the all-finite flags of the steps run since the last check; stop at the first non-finite one."""

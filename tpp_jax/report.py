@@ -5,9 +5,11 @@
 Finds every run folder (one with summary.json) under the given folders and writes RUN_DIR/report.md
 (the first folder) with the test / val metric tables (mean ± std over seeds and the paired
 TPP − baseline (and TPP − baseline_matched) difference with its 95% CI, paired t-test p and verdict; also in
-comparison.json), learning_curves.png, with fine-tune runs on part of the labels (data.label_fraction < 1) the
-label-efficiency table and label_efficiency.png, the pipeline's own figures when present (mae_reconstructions.png,
-segmentation_overlays.png), parameter counts, wall time and images/s.
+comparison.json) of the final step and of the checkpoint selected by validation (summary.json `best_final`, with
+the steps trained and the best step per arm), the `linear` / `full` bracket arms beside them, learning_curves.png,
+with fine-tune runs on part of the labels (data.label_fraction < 1) the label-efficiency table and
+label_efficiency.png, the pipeline's own figures when present (mae_reconstructions.png, segmentation_overlays.png),
+parameter counts, wall time and images/s.
 Only numpy and matplotlib (Agg canvas, no pyplot) are needed (statistics: tpp_jax.stats): no JAX or scipy import.
 """
 from __future__ import annotations
@@ -24,13 +26,15 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tpp_jax import stats
+from tpp_jax import stages, stats
 from tpp_jax.logging_utils import read_json, read_jsonl
 from tpp_jax.metrics import MAIN_METRIC, TASK_METRICS
 
 PRETEXT_STAGES = ("pretrain", "tpp")
-ARM_ORDER = ("tpp_finetune", "baseline", "baseline_matched", "tpp")
+ARM_ORDER = ("tpp_finetune", "baseline", "baseline_matched", "linear", "full", "tpp")
 BASELINES = ("baseline", "baseline_matched")  # roles TPP → fine-tune is compared with (same seed and fraction)
+BRACKETS = ("linear", "full")  # pipeline.brackets: linear probe and full fine-tune of the same backbone (no test)
+SOURCES = {"final": "final step", "best_final": "selected by validation (best step)"}  # summary.json metric blocks
 FIGURES = (("mae_reconstructions.png", "MAE reconstructions (TPP arm)",
             "Validation images: masked input / reconstruction by the TPP-trained target parameters / original."),
            ("segmentation_overlays.png", "Segmentation overlays (TPP arm)",
@@ -68,7 +72,7 @@ def _seed_of(path: pathlib.Path, cfg: dict) -> int | None:
 
 
 def _role(arm: str, stage: str, has_target_init: bool) -> str:
-  """What a run is in the comparison: tpp | tpp_finetune | baseline | baseline_matched | other."""
+  """What a run is in the comparison: tpp | tpp_finetune | baseline | baseline_matched | linear | full | other."""
   if arm in ARM_ORDER:
     return arm
   if stage == "tpp":
@@ -76,6 +80,12 @@ def _role(arm: str, stage: str, has_target_init: bool) -> str:
   if stage == "finetune":
     return "tpp_finetune" if has_target_init else "baseline"
   return "other"
+
+
+def _peft_of(stage: str, cfg: dict) -> str:
+  """peft.type of a run; 'none' for a stage built without PEFT parameters (linear, full, pretrain)."""
+  entry = stages.STAGES.get(stage)
+  return "none" if entry is not None and entry.trains and not entry.peft else str(_get(cfg, "peft.type", "none"))
 
 
 def _record(run: pathlib.Path) -> dict:
@@ -91,9 +101,9 @@ def _record(run: pathlib.Path) -> dict:
       "path": str(run), "arm": arm, "role": _role(arm, stage, has_ti),
       "seed": _seed_of(run, cfg), "stage": stage, "fraction": fraction,
       "train_examples": (summary.get("data") or {}).get("train_examples"),
-      "peft": str(_get(cfg, "peft.type", "none")), "task": str(_get(cfg, "task.type", "classification")),
+      "peft": _peft_of(stage, cfg), "task": str(_get(cfg, "task.type", "classification")),
       "pretext": str(_get(cfg, "pretext.type", "")), "config": cfg,
-      "final": summary.get("final") or {}, "best": summary.get("best"),
+      "final": summary.get("final") or {}, "best": summary.get("best"), "best_final": summary.get("best_final") or {},
       "params": summary.get("params") or {}, "steps": summary.get("steps", _get(cfg, "steps")),
       "init": summary.get("init"), "target_init": target_init,
       "images_per_sec": summary.get("images_per_sec"), "wall_time_s": summary.get("wall_time_s"),
@@ -112,11 +122,13 @@ def collect(run_dirs: Iterable) -> list[dict]:
     run_dirs: folders (a pipeline folder, run folders, or parents of them).
 
   Returns:
-    One dict per run: path, arm (folder name: tpp_finetune / baseline / baseline_matched / tpp / other), role,
+    One dict per run: path, arm (folder name: tpp_finetune / baseline / baseline_matched / linear / full / tpp /
+    other), role,
     seed, stage, fraction (data.label_fraction: the labelled fraction of the train split, 1.0 for pretext runs),
     train_examples (summary.json data.train_examples, None before it was recorded), peft, task, pretext, config,
-    final ({split: metrics}), best, params, steps, init, target_init, images_per_sec, wall_time_s and rows
-    (metrics.jsonl). Sorted by arm then seed; a run reached twice is listed once.
+    final ({split: metrics}), best ({step, metric, value} or None), best_final ({split: metrics} of the best
+    checkpoint; {} when none was kept or the summary predates it), params, steps, init, target_init,
+    images_per_sec, wall_time_s and rows (metrics.jsonl). Sorted by arm then seed; a run reached twice is listed once.
   """
   if isinstance(run_dirs, (str, os.PathLike)):
     run_dirs = [run_dirs]
@@ -193,30 +205,51 @@ def _metric_keys(records: Sequence[dict]) -> list[str]:
   return keys
 
 
-def _has_task_metrics(r: dict, split: str) -> bool:
-  return r["stage"] not in PRETEXT_STAGES and any(k in r["final"].get(split, {}) for k in TASK_METRICS[r["task"]])
+def _has_task_metrics(r: dict, split: str, source: str = "final") -> bool:
+  return r["stage"] not in PRETEXT_STAGES and any(k in r[source].get(split, {}) for k in TASK_METRICS[r["task"]])
 
 
-def _per_seed(group: Sequence[dict], split: str, key: str) -> dict:
-  """{seed: mean value of that seed's runs} (finite values only)."""
+def _best_step(r: dict):
+  """The step of the checkpoint selected by validation (summary.json best.step), None when none was kept."""
+  return (r["best"] or {}).get("step")
+
+
+def _steps_cell(values) -> str:
+  """Mean of step counts: '150', or '133.3 (100–200)' when they differ; 'n/a' for none."""
+  a = _finite(values)
+  if a.size == 0:
+    return "n/a"
+  if a.min() == a.max():
+    return f"{a[0]:,.0f}"
+  return f"{a.mean():,.1f} ({a.min():,.0f}–{a.max():,.0f})"
+
+
+def _per_seed(group: Sequence[dict], split: str, key: str, source: str = "final") -> dict:
+  """{seed: mean value of that seed's runs} (finite values only) of the `source` metrics (final / best_final)."""
   vals: dict = {}
   for r in group:
-    v = r["final"].get(split, {}).get(key)
+    v = r[source].get(split, {}).get(key)
     if v is not None and math.isfinite(float(v)):
       vals.setdefault(r["seed"], []).append(float(v))
   return {s: float(np.mean(v)) for s, v in vals.items()}
 
 
-def paired_differences(records: Sequence[dict], split: str = "test") -> list[dict]:
+def paired_differences(records: Sequence[dict], split: str = "test", source: str = "final") -> list[dict]:
   """Per-seed TPP − baseline (and TPP − baseline_matched) differences, per PEFT type, task and labelled fraction.
+
+  Args:
+    records: from `collect`.
+    split: 'test' or 'val'.
+    source: 'final' (the last step) or 'best_final' (the checkpoint selected by validation).
 
   Returns:
     A list of {"label", "peft", "task", "fraction", "train_examples", "tpp", "baseline", "seeds",
-    "diffs": {metric: np.ndarray}, "values": {metric: (seeds, tpp values, baseline values)}} with one entry per
-    (TPP-initialised arm, baseline / baseline_matched arm) pair of the same PEFT type, task and fraction; per
-    metric, the seeds present in both arms. train_examples: the sorted training-set sizes of the pair's runs.
+    "diffs": {metric: np.ndarray}, "values": {metric: (seeds, tpp values, baseline values)}, "best_steps":
+    {arm: {seed: mean best step}}} with one entry per (TPP-initialised arm, baseline / baseline_matched arm) pair
+    of the same PEFT type, task and fraction; per metric, the seeds present in both arms. train_examples: the
+    sorted training-set sizes of the pair's runs.
   """
-  runs = [r for r in records if _has_task_metrics(r, split)]
+  runs = [r for r in records if _has_task_metrics(r, split, source)]
   groups = _groups(runs)
   out = []
   for (t_arm, peft, task, frac), t_runs in groups.items():
@@ -227,16 +260,28 @@ def paired_differences(records: Sequence[dict], split: str = "test") -> list[dic
         continue
       diffs, values, seeds = {}, {}, set()
       for k in TASK_METRICS[task]:
-        a, b = _per_seed(t_runs, split, k), _per_seed(b_runs, split, k)
+        a, b = _per_seed(t_runs, split, k, source), _per_seed(b_runs, split, k, source)
         common = sorted(set(a) & set(b), key=lambda s: (s is None, s or 0))
         diffs[k] = np.asarray([a[s] - b[s] for s in common], float)
         values[k] = (common, np.asarray([a[s] for s in common], float), np.asarray([b[s] for s in common], float))
         seeds |= set(common)
       label = (f"TPP − {b_arm}" if t_arm == "tpp_finetune" and b_arm in BASELINES else f"{t_arm} − {b_arm}")
       sizes = sorted({int(r["train_examples"]) for r in t_runs + b_runs if r["train_examples"] is not None})
+      best_steps = {arm: {s: float(np.mean(v)) for s, v in _by_seed(rs, _best_step).items()}
+                    for arm, rs in ((t_arm, t_runs), (b_arm, b_runs))}
       out.append({"label": label, "peft": peft, "task": task, "fraction": frac, "train_examples": sizes,
                   "tpp": t_arm, "baseline": b_arm, "seeds": sorted(seeds, key=lambda s: (s is None, s or 0)),
-                  "diffs": diffs, "values": values})
+                  "diffs": diffs, "values": values, "best_steps": best_steps})
+  return out
+
+
+def _by_seed(group: Sequence[dict], value) -> dict:
+  """{seed: [value(r) of that seed's runs]}, Nones left out."""
+  out: dict = {}
+  for r in group:
+    v = value(r)
+    if v is not None:
+      out.setdefault(r["seed"], []).append(float(v))
   return out
 
 
@@ -248,42 +293,59 @@ def _diff_cell(d: np.ndarray) -> str:
   return f"{d.mean():+.4f} ± {d.std(ddof=1):.4f}"
 
 
-def metric_table(records: Sequence[dict], split: str = "test") -> str:
+def _at_best_header(runs: Sequence[dict]) -> str:
+  return " / ".join(dict.fromkeys(MAIN_METRIC[r["task"]] for r in runs)) + " @ best step"
+
+
+def metric_table(records: Sequence[dict], split: str = "test", source: str = "final") -> str:
   """Markdown table of the task metrics per arm (mean ± std over seeds) and TPP − baseline.
 
   Args:
     records: from `collect`; pretext-only runs (stage tpp / pretrain) are left out.
-    split: 'test' or 'val' (the `final` metrics of summary.json).
+    split: 'test' or 'val'.
+    source: 'final' (summary.json `final`: the last step) or 'best_final' (the checkpoint selected by validation).
 
   Returns:
     The table: one row per (arm, PEFT type), n seeds, each metric as `mean ± std` (ddof=1; `± n/a`
-    for one seed), trainable / target parameters, images/s and wall time (means); then one
-    difference row per TPP / baseline pair, mean ± std of the per-seed paired differences.
+    for one seed), the steps trained and the best (validation-selected) step (means over seeds); with
+    source='final' also the main metric (auc / dice) of the best step, trainable / target parameters, images/s and
+    wall time (means); then one difference row per TPP / baseline pair, mean ± std of the per-seed paired
+    differences.
   """
-  runs = [r for r in records if _has_task_metrics(r, split)]
+  runs = [r for r in records if _has_task_metrics(r, split, source)]
   if not runs:
-    return f"_No runs with {split} task metrics._"
+    return f"_No runs with {split} task metrics{'' if source == 'final' else ' ' + SOURCES[source]}._"
   keys = _metric_keys(runs)
   multi_task = len({r["task"] for r in runs}) > 1
   multi_frac = _multi_fraction(runs)
-  head = ["arm", "peft"] + (["task"] if multi_task else []) + (["labels"] if multi_frac else []) + ["n"] + keys + [
-      "trainable params", "target params", "images/s", "wall time (s)"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - len(keys) - 4) + [
-      "---:"] * (len(keys) + 4)) + "|"]
+  final = source == "final"
+  extra = ["steps", "best step"] + ([_at_best_header(runs), "trainable params", "target params", "images/s",
+                                     "wall time (s)"] if final else [])
+  head = ["arm", "peft"] + (["task"] if multi_task else []) + (["labels"] if multi_frac else []) + ["n"] + keys + extra
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - len(keys) - len(extra)) + [
+      "---:"] * (len(keys) + len(extra))) + "|"]
   for (arm, peft, task, frac), group in _groups(runs).items():
     cells = [f"`{arm}`", peft] + ([task] if multi_task else []) + ([_frac_cell(frac)] if multi_frac else []) + [
         str(len(group))]
     for k in keys:
-      cells.append(_mean_std([r["final"].get(split, {}).get(k) for r in group]) if k in TASK_METRICS[task] else "")
-    cells += [_count(r["params"].get("trainable") for r in group), _count(r["params"].get("target") for r in group),
-              _mean_fmt(r["images_per_sec"] for r in group), _mean_fmt(r["wall_time_s"] for r in group)]
+      cells.append(_mean_std([r[source].get(split, {}).get(k) for r in group]) if k in TASK_METRICS[task] else "")
+    cells += [_steps_cell(r["steps"] for r in group), _steps_cell(_best_step(r) for r in group)]
+    if final:
+      cells += [_mean_std([r["best_final"].get(split, {}).get(MAIN_METRIC[task]) for r in group]),
+                _count(r["params"].get("trainable") for r in group), _count(r["params"].get("target") for r in group),
+                _mean_fmt(r["images_per_sec"] for r in group), _mean_fmt(r["wall_time_s"] for r in group)]
     lines.append("| " + " | ".join(cells) + " |")
-  for d in paired_differences(runs, split):
+  best = {(d["label"], d["peft"], d["task"], d["fraction"]): d for d in paired_differences(runs, split, "best_final")}
+  for d in paired_differences(runs, split, source):
     cells = [f"**{d['label']}**", d["peft"]] + ([d["task"]] if multi_task else []) + (
         [_frac_cell(d["fraction"])] if multi_frac else []) + [str(len(d["seeds"]))]
     for k in keys:
       cells.append(f"**{_diff_cell(d['diffs'][k])}**" if k in d["diffs"] else "")
-    lines.append("| " + " | ".join(cells + [""] * 4) + " |")
+    cells += ["", ""]
+    if final:
+      b = best.get((d["label"], d["peft"], d["task"], d["fraction"]))
+      cells += [f"**{_diff_cell(b['diffs'][MAIN_METRIC[d['task']]])}**" if b else ""] + [""] * 4
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -291,25 +353,32 @@ def _higher_is_better(metric: str) -> bool:
   return "loss" not in metric  # losses: lower is better; every task metric: higher is better
 
 
-def paired_comparisons(records: Sequence[dict], split: str = "test", level: float = 0.95) -> list[dict]:
+def paired_comparisons(records: Sequence[dict], split: str = "test", level: float = 0.95,
+                       source: str = "final") -> list[dict]:
   """Paired t-test of every metric of every TPP / baseline pair (same seeds), from `stats.paired_comparison`.
+
+  Args:
+    source: 'final' (the last step) or 'best_final' (the checkpoint selected by validation).
 
   Returns:
     One dict per (pair, metric): comparison (label), tpp, baseline (arms), peft, task, fraction (labelled fraction
-    of the train split), train_examples (the runs' training-set sizes), split, metric, seeds, tpp_values,
-    baseline_values, diffs, and paired_comparison's mean_diff, ci_low, ci_high, p, n, verdict, test, level,
-    higher_is_better, note. NaN (n < 2) is written as None so the list is valid JSON.
+    of the train split), train_examples (the runs' training-set sizes), split, checkpoint ('final' / 'best'),
+    metric, seeds, tpp_values, baseline_values, diffs, (source 'best_final': tpp_best_steps, baseline_best_steps per
+    seed, None where a run kept no best), and paired_comparison's mean_diff, ci_low, ci_high, p, n, verdict, test,
+    level, higher_is_better, note. NaN (n < 2) is written as None so the list is valid JSON.
   """
   out = []
-  for d in paired_differences(records, split):
+  for d in paired_differences(records, split, source):
     for k in TASK_METRICS[d["task"]]:
       seeds, a, b = d["values"][k]
       r = stats.paired_comparison(a, b, level=level, higher_is_better=_higher_is_better(k))
       r = {k2: (None if isinstance(v, float) and math.isnan(v) else v) for k2, v in r.items()}
+      steps = {} if source == "final" else {
+          f"{role}_best_steps": [d["best_steps"][d[role]].get(s) for s in seeds] for role in ("tpp", "baseline")}
       out.append({"comparison": d["label"], "tpp": d["tpp"], "baseline": d["baseline"], "peft": d["peft"],
                   "task": d["task"], "fraction": d["fraction"], "train_examples": d["train_examples"], "split": split,
-                  "metric": k, "seeds": list(seeds), "tpp_values": a.tolist(), "baseline_values": b.tolist(),
-                  "diffs": (a - b).tolist(), **r})
+                  "checkpoint": "final" if source == "final" else "best", "metric": k, "seeds": list(seeds),
+                  "tpp_values": a.tolist(), "baseline_values": b.tolist(), "diffs": (a - b).tolist(), **steps, **r})
   return out
 
 
@@ -397,34 +466,41 @@ def _p_cell(r: dict) -> str:
   return f"{r['p']:.3g}" + ("*" if r["note"] else "")
 
 
-def paired_table(records: Sequence[dict], split: str = "test", level: float = 0.95) -> str:
+def paired_table(records: Sequence[dict], split: str = "test", level: float = 0.95, source: str = "final") -> str:
   """Markdown table of the paired comparison of each metric, TPP → fine-tune minus baseline (same seed).
 
-  Columns: comparison, peft, (task), metric, n (seeds in both arms), `TPP − baseline` (mean of the per-seed
-  differences), the t-based CI, the two-sided paired t-test p and the verdict at `level`; then one line naming
-  the test and level. Empty string when there is no TPP / baseline pair.
+  Columns: comparison, peft, (task), metric, n (seeds in both arms), (source 'best_final': `best step (TPP /
+  baseline)`, the mean validation-selected step of each arm over those seeds), `TPP − baseline` (mean of the
+  per-seed differences), the t-based CI, the two-sided paired t-test p and the verdict at `level`; then one line
+  naming the test and level. Empty string when there is no TPP / baseline pair.
   """
-  comps = paired_comparisons([r for r in records if _has_task_metrics(r, split)], split, level)
+  comps = paired_comparisons([r for r in records if _has_task_metrics(r, split, source)], split, level, source)
   if not comps:
     return ""
   multi_task = len({c["task"] for c in comps}) > 1
   multi_frac = any(c["fraction"] != 1.0 for c in comps)
+  best = source != "final"
   head = ["comparison", "peft"] + (["task"] if multi_task else []) + (["labels"] if multi_frac else []) + [
-      "metric", "n", "TPP − baseline", f"{_pct(level)}% CI", "p", "verdict"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - 5) + ["---:"] * 4 + ["---"]) + "|"]
+      "metric", "n"] + (["best step (TPP / baseline)"] if best else []) + [
+      "TPP − baseline", f"{_pct(level)}% CI", "p", "verdict"]
+  lines = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] * (len(head) - 5 - best) + ["---:"] * (4 + best) + ["---"]) + "|"]
   for c in comps:
     diff = "n/a" if c["mean_diff"] is None else f"{c['mean_diff']:+.4f}"
     ci = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+    steps = [f"{_steps_cell(c['tpp_best_steps'])} / {_steps_cell(c['baseline_best_steps'])}"] if best else []
     cells = [f"**{c['comparison']}**", c["peft"]] + ([c["task"]] if multi_task else []) + (
-        [_frac_cell(c["fraction"])] if multi_frac else []) + [c["metric"], str(c["n"]), diff, ci, _p_cell(c),
-                                                              c["verdict"]]
+        [_frac_cell(c["fraction"])] if multi_frac else []) + [c["metric"], str(c["n"])] + steps + [
+        diff, ci, _p_cell(c), c["verdict"]]
     lines.append("| " + " | ".join(cells) + " |")
   ns = sorted({c["n"] for c in comps})
   n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
   alpha = f"{1 - level:.10g}"
   seeds = f"{n} seed{'' if n == '1' else 's'}"
-  lines += ["", f"_paired t-test over {seeds}, two-sided, {_pct(level)} % level: per seed, TPP → fine-tune minus "
-            f'baseline (same seed and budget); verdict "TPP better" / "baseline better" when p < {alpha} '
+  which = ("each arm's checkpoint selected by validation (its best step by best_metric on the val split), "
+           if best else "")
+  lines += ["", f"_paired t-test over {seeds}, two-sided, {_pct(level)} % level: per seed, {which}TPP → fine-tune "
+            f'minus baseline (same seed and budget); verdict "TPP better" / "baseline better" when p < {alpha} '
             '(by the sign of the mean difference; higher is better for every metric shown), else "no detectable '
             'difference"; fewer than 2 seeds: no test._']
   if any(c["baseline"] == "baseline_matched" for c in comps):
@@ -437,11 +513,19 @@ def paired_table(records: Sequence[dict], split: str = "test", level: float = 0.
 
 
 def comparison_data(records: Sequence[dict], level: float = 0.95) -> dict:
-  """The numbers of the paired tables, machine-readable (written as comparison.json beside report.md)."""
+  """The numbers of the paired tables, machine-readable (written as comparison.json beside report.md).
+
+  `splits`: the final step's metrics; `selected_by_validation`: the same comparisons of each run's checkpoint
+  selected by validation (summary.json `best_final`; its val numbers are the selection split's, optimistic).
+  """
   out = {"test": "paired t-test", "alternative": "two-sided", "level": level,
          "difference": "TPP → fine-tune minus baseline, same seed", "confidence_interval": "t-based",
          "splits": {split: paired_comparisons([r for r in records if _has_task_metrics(r, split)], split, level)
-                    for split in ("test", "val")}}
+                    for split in ("test", "val")},
+         "selected_by_validation": {
+             "checkpoint": "each run's best step by best_metric on the val split (summary.json best, best_final)",
+             "splits": {split: paired_comparisons([r for r in records if _has_task_metrics(r, split, "best_final")],
+                                                  split, level, "best_final") for split in ("test", "val")}}}
   if _multi_fraction([r for r in records if r["stage"] not in PRETEXT_STAGES]):
     out["label_fractions"] = sorted({r["fraction"] for r in records if r["stage"] not in PRETEXT_STAGES})
     out["label_efficiency"] = {split: label_efficiency(records, split, level) for split in ("test", "val")}
@@ -760,11 +844,12 @@ def _setup_lines(records: Sequence[dict], top_cfg: dict | None) -> list[str]:
   down = [r for r in records if r["stage"] not in PRETEXT_STAGES] or list(records)
   pre = [r for r in records if r["stage"] == "tpp"]
   cfgs = [r["config"] for r in down]
+  peft_cfgs = [r["config"] for r in down if r["peft"] != "none"] or cfgs
   lines = [
       f"- backbone init: {_uniq(r['init'] or _get(r['config'], 'init.path', '') for r in down)}",
       f"- model: {_uniq(_get(c, 'model.variant') for c in cfgs)}, image size "
       f"{_uniq(_get(c, 'model.image_size') for c in cfgs)}",
-      f"- PEFT: {_uniq(_peft_desc(c) for c in cfgs)}",
+      f"- PEFT: {_uniq(_peft_desc(c) for c in peft_cfgs)}",
       f"- pretext (TPP): {_uniq(_pretext_desc(r['config']) for r in pre) if pre else _uniq(map(_pretext_desc, cfgs))}",
       f"- task: {_uniq('%s (%s classes)' % (_get(c, 'task.type'), _get(c, 'task.num_classes')) for c in cfgs)}",
       f"- data: {_uniq(_get(c, 'data.path') for c in cfgs)} (source {_uniq(_get(c, 'data.source') for c in cfgs)})",
@@ -786,6 +871,9 @@ def _setup_lines(records: Sequence[dict], top_cfg: dict | None) -> list[str]:
     if _get(top_cfg, "pipeline.compute_matched"):
       lines.append(f"- compute-matched baseline (`baseline_matched`): random target init, "
                    f"{_get(top_cfg, 'pipeline.tpp_steps')} + {_get(top_cfg, 'steps')} steps")
+    if _get(top_cfg, "pipeline.brackets"):
+      lines.append("- brackets: `linear` (linear probe: task head only) and `full` (full fine-tune: backbone + "
+                   "head), the baseline's data, steps, optimizer (lr) and seeds")
   return lines
 
 
@@ -861,6 +949,9 @@ def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
         "with the same seeds, data and step budget"
         + (" (`baseline_matched`: the same, trained TPP + fine-tune steps, so a gain is not just more steps)"
            if any(r["role"] == "baseline_matched" for r in records) else "") + ".  ",
+        *(["**Brackets**: the same backbone, data, steps, optimizer and seed with the linear probe (`linear`: the "
+           "task head only, backbone frozen) and the full fine-tune (`full`: backbone + head); where the PEFT arms "
+           "fall between them.  "] if any(r["role"] in BRACKETS for r in records) else []),
         "**TPP − baseline**: mean ± std over seeds of the per-seed paired differences (positive = TPP better "
         "for all metrics shown). Under each metric table, the paired comparison per metric: the mean "
         "difference, its 95% confidence interval (t-based), the two-sided paired t-test p over the seeds and "
@@ -870,7 +961,17 @@ def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
     md += [f"## {title}", "", metric_table(records, split), ""]
     paired = paired_table(records, split)
     md += [paired, ""] if paired else []
-  md += ["Mean ± std over seeds (std with ddof=1; `n/a` for a single seed); metrics of the final step.", ""]
+    if split == "test" and any(_has_task_metrics(r, split, "best_final") for r in records):
+      md += [f"### {SOURCES['best_final'].capitalize()}: {title.lower()}", "",
+             "Each run's checkpoint with the best validation metric (`best_metric`, evaluated every `eval_every` "
+             "steps and at the last step; summary.json `best_final`), the numbers a fixed budget that stops before "
+             "convergence can hide: `steps` is what each arm trained, `best step` where it peaked (mean over seeds).",
+             "", metric_table(records, split, "best_final"), ""]
+      paired = paired_table(records, split, source="best_final")
+      md += [paired, ""] if paired else []
+  md += ["Mean ± std over seeds (std with ddof=1; `n/a` for a single seed); metrics of the final step, except "
+         f"under _{SOURCES['best_final']}_ and in the `@ best step` column: the checkpoint selected by validation "
+         "(on the val split that column is the selection value itself, so it is optimistic).", ""]
   if _multi_fraction([r for r in records if _has_task_metrics(r, "test")]):
     md += ["## Label efficiency", "", label_efficiency_table(records, "test"), ""]
     png = plot_label_efficiency(label_efficiency(records, "test"), wd / "label_efficiency.png")

@@ -30,6 +30,7 @@ class Arm:
   target_from: str = ""
   plus_steps: str = ""  # dotted config field added to `steps` (compute-matched: 'pipeline.tpp_steps')
   only_if: str = ""     # dotted bool config field; the arm runs only when it is true
+  overrides: tuple[tuple[str, object], ...] = ()  # (dotted field, value) pairs set in the arm's config
 
 
 def fraction_dir(fraction: float) -> str:
@@ -106,11 +107,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           needs_labels=True, writes="a full fine-tune baseline"),
     Stage("eval", "metrics of a saved run (its own config.json and checkpoint)", trains=False, keeps_best=False,
           writes="RUN/eval.json"),
-    Stage("pipeline", "tpp then finetune from it, and the finetune baseline, same seeds and budget",
+    Stage("pipeline", "tpp then finetune from it, and the finetune baseline, same seeds and budget (+ the "
+          "compute-matched baseline, the linear-probe / full fine-tune brackets when asked)",
           trains=False, keeps_best=False, writes="DIR/report.md + figures",
           arms=(Arm("tpp", "tpp"), Arm("tpp_finetune", "finetune", target_from="tpp"), Arm("baseline", "finetune"),
                 Arm("baseline_matched", "finetune", plus_steps="pipeline.tpp_steps",
-                    only_if="pipeline.compute_matched"))),
+                    only_if="pipeline.compute_matched"),
+                # brackets: the same backbone, data, steps, optimizer and seed as `baseline`; the head alone (below)
+                # and everything (above). train_extra is cleared: the linear probe trains the task head only.
+                Arm("linear", "linear", only_if="pipeline.brackets", overrides=(("train_extra", ()),)),
+                Arm("full", "full", only_if="pipeline.brackets"))),
 )}
 
 

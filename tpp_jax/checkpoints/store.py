@@ -162,6 +162,19 @@ class CheckpointStore:
                    metrics={"value": float(value)}, force=True)
     self._seal(self.best, step)
 
+  def restore_best(self, template: dict) -> tuple[dict, dict]:
+    """Restore ({'params', 'aux'}, meta) of the kept best step into the structure/shardings of `template`
+    ({'params', 'aux'}, e.g. the live state's); its checksums are verified first (check_intact)."""
+    step = self.best.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{self.dir / 'best'} holds no best checkpoint.")
+    self.best.wait_until_finished()
+    check_intact(self.dir / "best" / str(step))
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    r = self.best.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                        meta=ocp.args.JsonRestore()))
+    return r["state"], dict(r["meta"])
+
   def restore(self, template: dict) -> tuple[dict, dict]:
     """Restore (state, meta) of the newest intact step into the structure/shardings of `template`.
 
