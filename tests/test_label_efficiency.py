@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tpp_jax import config as config_lib
-from tpp_jax import engine, pipeline, report
+from tpp_jax import engine, main, pipeline, report
 from tpp_jax.data import pipeline as data_pipeline
 
 from conftest import load_config, run_cli
@@ -130,8 +130,7 @@ def test_cli_pipeline_with_label_fractions_and_compute_matched_baseline(tmp_path
       (f, b) for f in (0.25, 1.0) for b in ("baseline", "baseline_matched")}
   # the same command again: every arm (fractions included) is found finished, nothing is retrained
   before = {p: p.stat().st_mtime_ns for p in seed.rglob("summary.json")}
-  again = run_cli(["--config", f"configs/default.py:{ARGS}", "--workdir", str(wd)])
-  assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+  main.run(load_config("default", ARGS), str(wd))
   assert {p: p.stat().st_mtime_ns for p in seed.rglob("summary.json")} == before and len(before) == 7
 
 
