@@ -5,6 +5,7 @@ For each seed s in (seed, seed+1, ..., seed+seeds-1), in DIR/seed_s/:
   tpp_finetune/      stage finetune starting from tpp/'s target params (target_init)
   baseline/          stage finetune from random target init (the usual PEFT)
   baseline_matched/  pipeline.compute_matched: the baseline trained pipeline.tpp_steps + steps steps
+  linear/, full/     pipeline.brackets: linear probe and full fine-tune of the same backbone (the baseline's budget)
   frac_F/{tpp_finetune,baseline,baseline_matched}/   per pipeline.label_fractions entry F < 1: the fine-tune arms
                      on a stratified fraction F of the train split (drawn per (F, seed), the same for every arm)
 Then DIR/report.md with tables, learning curves, MAE reconstructions / segmentation overlays, and with several
