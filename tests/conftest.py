@@ -51,7 +51,7 @@ def run_cli(args, cwd=None, timeout=600, env=None):
   """Run `python -m tpp_jax.main ARGS` in a fresh process (8 fake CPU devices; `env`: extra variables)."""
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", **(env or {}))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu", **(env or {})}
   return subprocess.run([sys.executable, "-m", "tpp_jax.main", *args], cwd=cwd or ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
