@@ -109,3 +109,34 @@ def test_drop_path_and_bf16_run():
   out = m.apply({"params": p}, X, train=True, rngs={"dropout": jax.random.key(1)})
   assert out["tokens"].dtype == jnp.bfloat16 and bool(jnp.isfinite(out["tokens"].astype(jnp.float32)).all())
   assert jax.tree_util.tree_leaves(p)[0].dtype == jnp.float32  # params stay fp32
+
+
+def test_remat_keeps_parameters_outputs_and_gradients():
+  """model.remat recomputes block activations in the backward pass: same tree, loss and gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  got = []
+  for remat in (False, True):
+    enc = ViT(ViTConfig.from_variant("Mu/8", depth=2, image_size=32, remat=remat, drop_path=0.1),
+              PeftConfig(type="lora"))
+    params = enc.init(jax.random.key(1), x)["params"]
+
+    def loss(p, enc=enc):
+      out = enc.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(3)})["tokens"]
+      return jnp.square(out - 0.5).mean()
+    got.append((tree_lib.flatten(params), *jax.value_and_grad(loss)(params)))
+  (p0, l0, g0), (p1, l1, g1) = got
+  assert {k: v.shape for k, v in p0.items()} == {k: v.shape for k, v in p1.items()}
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for k, v in tree_lib.flatten(g0).items():
+    np.testing.assert_allclose(tree_lib.flatten(g1)[k], v, rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_attention_auto_is_xla_off_gpu_and_bad_choice_is_named():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  outs = []
+  for impl in ("auto", "xla"):
+    enc = ViT(ViTConfig.from_variant("Mu/8", depth=1, image_size=32, attention=impl))
+    outs.append(enc.apply(enc.init(jax.random.key(1), x), x)["tokens"])
+  np.testing.assert_array_equal(outs[0], outs[1])
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    ViTConfig.from_variant("Mu/8", attention="flash")

@@ -97,7 +97,7 @@ def test_fewer_steps_on_a_finished_run_is_refused_and_changes_nothing(finished_r
 def test_nan_is_never_checkpointed_and_a_lower_lr_resumes(tmp_path):
   wd = tmp_path / "run"
   arg = "demo,smoke,steps=10,checkpoint_every=2,log_every=5"
-  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e6", "--workdir", str(wd)])
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e5", "--workdir", str(wd)])
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   line = r.stderr.strip()
   assert line.startswith("error: TrainingError: Non-finite values (NaN / Inf)") and "\n" not in line

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpp_jax import config as config_lib
-from tpp_jax import partition
+from tpp_jax import partition, xla
 from tpp_jax import stages as stages_lib
 from tpp_jax import tree as tree_lib
 from tpp_jax import workdir as workdir_lib
@@ -223,7 +223,7 @@ def build(config, devices=None) -> Built:
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params), "aux": aux}
   sharding = state_shardings(state, mesh, bool(config.fsdp))
-  train_step, eval_step = compile_steps(objective, tx, schedule, mesh, sharding)
+  train_step, eval_step = compile_steps(objective, tx, schedule, mesh, sharding, labels)
   return Built(config=config, stage=stage, mesh=mesh, encoder=encoder, objective=objective, init_fn=init_fn,
                params=params, aux=aux, labels=labels, counts=partition.param_counts(params, labels), tx=tx,
                schedule=schedule, state=state, state_sharding=sharding, train_step=train_step, eval_step=eval_step)
@@ -236,30 +236,45 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding):
-  """The jitted (train_step, eval_step) of an objective and optimizer over `mesh` (traced at the first call)."""
+def split_trainable(params, labels) -> tuple[dict, dict]:
+  """(trainable, frozen) flat {path: leaf} dicts of params by partition label."""
+  flat, lab = tree_lib.flatten(params), tree_lib.flatten(labels)
+  trainable = {k: v for k, v in flat.items() if lab[k] != "frozen"}
+  return trainable, {k: v for k, v in flat.items() if lab[k] == "frozen"}
+
+
+def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels):
+  """The jitted (train_step, eval_step) of an objective and optimizer over `mesh` (traced at the first call).
+
+  The train step differentiates the trainable leaves only (frozen ones are closed over), so no gradient of a frozen
+  backbone weight is ever computed, as with requires_grad=False in PyTorch.
+  """
   repl = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
 
   def train_step(state, batch, base_rng):
     step = state["step"]
     rng = jax.random.fold_in(base_rng, step)
-    def loss_fn(params):
-      return obj.loss(params, state["aux"], batch, rng, True)
-    (loss, (mets, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    trainable, frozen = split_trainable(state["params"], labels)
+    def loss_fn(trainable):
+      return obj.loss(tree_lib.unflatten({**frozen, **trainable}), state["aux"], batch, rng, True)
+    (loss, (mets, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    finite_grads = all_finite(grads)
+    grads = tree_lib.unflatten({**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads})  # set_to_zero's
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     aux = obj.after_step(params, aux, step)
-    finite = all_finite((loss, grads, params, aux))  # read lazily by the loop: nothing non-finite is ever saved
+    # read lazily by the loop: nothing non-finite is ever saved (frozen leaves never change: not checked)
+    finite = finite_grads & all_finite((loss, split_trainable(params, labels)[0], aux))
     mets = {**mets, "update_norm": optax.tree.norm(updates), "lr": schedule(step), FINITE: finite}
     return {"step": step + 1, "params": params, "opt_state": opt_state, "aux": aux}, mets
 
   def eval_step(params, aux, batch):
     return obj.eval_outputs(params, aux, batch)
 
-  return (jax.jit(train_step, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
+  return (xla.jit(train_step, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
                   donate_argnums=0),
-          jax.jit(eval_step, in_shardings=(state_sharding["params"], state_sharding["aux"], data)))
+          xla.jit(eval_step, in_shardings=(state_sharding["params"], state_sharding["aux"], data)))
 
 
 # ------------------------------------------------------------------------------------------------

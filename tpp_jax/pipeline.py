@@ -25,7 +25,7 @@ import weakref
 import jax
 import numpy as np
 
-from tpp_jax import engine, metrics, stages
+from tpp_jax import engine, metrics, stages, xla
 from tpp_jax import workdir as workdir_lib
 
 
@@ -255,7 +255,7 @@ _JITTED = weakref.WeakKeyDictionary()  # trainer -> {name: jitted fn}: figures a
 def _jitted(trainer, name: str, make):
   fns = _JITTED.setdefault(trainer, {})
   if name not in fns:
-    fns[name] = jax.jit(make())
+    fns[name] = xla.jit(make())
   return fns[name]
 
 

@@ -162,6 +162,8 @@ def make_predict_fn(run, mesh):
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
+
+  from tpp_jax import xla
   obj = run.objective
   if run.config.task.type == "segmentation":
     def fn(params, aux, images):
@@ -171,7 +173,7 @@ def make_predict_fn(run, mesh):
     def fn(params, aux, images):
       return jax.nn.softmax(obj.logits(params, aux, images, False)[0].astype(jnp.float32), axis=-1)
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(fn, in_shardings=(repl, repl, data), out_shardings=data)
+  return xla.jit(fn, in_shardings=(repl, repl, data), out_shardings=data)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tpp_jax.models.activations import gelu
+
 
 class ClassifierHead(nn.Module):
   """Linear head on pooled features; `bn_linear` = BatchNorm (no affine) + linear (MAE linear probe)."""
@@ -67,8 +69,8 @@ class DINOHead(nn.Module):
   def __call__(self, x):
     x = x.astype(jnp.float32)
     init = nn.initializers.truncated_normal(0.02)
-    x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name="fc1")(x), approximate=False)
-    x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name="fc2")(x), approximate=False)
+    x = gelu(nn.Dense(self.hidden_dim, kernel_init=init, name="fc1")(x))
+    x = gelu(nn.Dense(self.hidden_dim, kernel_init=init, name="fc2")(x))
     x = nn.Dense(self.bottleneck_dim, kernel_init=init, name="fc3")(x)
     x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
     v = self.param("prototypes", init, (self.bottleneck_dim, self.out_dim))

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpp_jax.models.activations import gelu
+
 PEFT_TYPES = ("none", "lora", "dora", "adapter", "adaptformer", "vpt", "ssf", "bitfit")
 LORA_SITES = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -156,7 +158,7 @@ class Adapter(nn.Module):
     d = x.shape[-1]
     h = nn.Dense(self.dim, dtype=self.dtype, name="down",
                  kernel_init=nn.initializers.lecun_normal())(x)
-    h = nn.gelu(h, approximate=False)
+    h = gelu(h)
     return nn.Dense(d, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)
 
 

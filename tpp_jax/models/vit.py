@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpp_jax.models.activations import gelu
 from tpp_jax.models.peft import Adapter, Norm, PeftConfig, PeftDense
 
 # name -> (width, depth, heads, mlp_dim)
@@ -50,6 +51,8 @@ class ViTConfig:
   drop_path: float = 0.0
   dropout: float = 0.0
   dtype: str = "float32"        # compute dtype: float32 | bfloat16
+  attention: str = "auto"       # auto (cuDNN fused attention on GPU in bf16, else XLA) | xla | cudnn
+  remat: bool = False           # recompute each block's activations in the backward pass (memory for compute)
 
   def __post_init__(self):
     if self.image_size % self.patch:
@@ -62,6 +65,8 @@ class ViTConfig:
       raise ValueError(f"model.pos_emb={self.pos_emb!r}; valid: 'learned', 'sincos'.")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model.dtype={self.dtype!r}; valid: 'float32', 'bfloat16'.")
+    if self.attention not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"model.attention={self.attention!r}; valid: 'auto', 'xla', 'cudnn'.")
 
   @property
   def grid(self) -> int:
@@ -124,6 +129,22 @@ class DropPath(nn.Module):
     return x * mask.astype(x.dtype) / keep
 
 
+def attention(q, k, v, implementation: str = "auto"):
+  """jax.nn.dot_product_attention of (B, T, H, D) q, k, v.
+
+  'auto' asks for cuDNN's fused (flash) attention on GPU with bf16 / fp16 inputs and head dims it supports, and
+  uses XLA's where cuDNN refuses the shapes or elsewhere (CPU, TPU, fp32); 'cudnn' insists (an error says why not).
+  """
+  if implementation == "auto":
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8:
+      return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):  # cuDNN too old / shape unsupported: XLA's
+      return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 class Attention(nn.Module):
   cfg: ViTConfig
   peft: PeftConfig
@@ -135,7 +156,7 @@ class Attention(nn.Module):
     hd = c.width // c.heads
     dense = lambda name: PeftDense(c.width, site=name, peft=self.peft, dtype=dt, name=name)
     q, k, v = (dense(n)(x, deterministic=deterministic).reshape(b, t, c.heads, hd) for n in "qkv")
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = attention(q, k, v, c.attention)
     return dense("o")(out.reshape(b, t, c.width), deterministic=deterministic)
 
 
@@ -174,7 +195,7 @@ class Mlp(nn.Module):
   def __call__(self, x, deterministic: bool):
     c, dt = self.cfg, self.cfg.jnp_dtype
     h = PeftDense(c.mlp_dim, site="fc1", peft=self.peft, dtype=dt, name="fc1")(x, deterministic=deterministic)
-    h = nn.gelu(h, approximate=False)
+    h = gelu(h)
     if c.dropout:
       h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
     return PeftDense(c.width, site="fc2", peft=self.peft, dtype=dt, name="fc2")(h, deterministic=deterministic)
@@ -234,11 +255,12 @@ class ViT(nn.Module):
       x = with_prompts(x, 0)
 
     dpr = np.linspace(0.0, c.drop_path, c.depth)
+    block = nn.remat(Block, static_argnums=(2,)) if c.remat else Block  # (self, x, deterministic): static flag
     inter = []
     for i in range(c.depth):
       if n_prompt and p.deep and i > 0:
         x = with_prompts(x, i)
-      x = Block(c, p, float(dpr[i]), name=f"blocks_{i}")(x, deterministic)
+      x = block(c, p, float(dpr[i]), name=f"blocks_{i}")(x, deterministic)
       inter.append(x[:, 1 + n_prompt:])
     x = Norm(c.ln_eps, p, dt, name="norm")(x)
     tokens = jnp.concatenate([x[:, :1], x[:, 1 + n_prompt:]], axis=1)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tpp_jax.models.activations import gelu
 from tpp_jax.objectives.base import Objective
 
 
@@ -22,7 +23,7 @@ class ProjectionHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.gelu(nn.Dense(self.hidden_dim, name="fc1")(x.astype(jnp.float32)), approximate=False)
+    x = gelu(nn.Dense(self.hidden_dim, name="fc1")(x.astype(jnp.float32)))
     return nn.Dense(self.out_dim, name="fc2")(x)
 
 
