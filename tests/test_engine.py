@@ -203,3 +203,32 @@ def test_epochs_set_steps_from_the_train_split_through_the_common_parser(tmp_pat
   again = main.run(load_config("experiment", arg), str(tmp_path / "run"))  # the rerun resolves the same steps
   assert again["final"] == summary["final"]
 
+
+
+def test_bf16_model_stores_frozen_weights_in_bf16_with_the_same_numbers(tmp_path):
+  """model.dtype=bfloat16: frozen matrices are stored (and checkpointed) in bf16, trainable leaves, norms and the
+  optimizer state in fp32, and every logged number equals the run that stores them fp32 (the forward casts them
+  to bf16 either way); the rerun resumes from the bf16 checkpoint. Through the CLI."""
+  rows = {}
+  for fd in ("auto", "float32"):
+    wd = tmp_path / fd
+    arg = f"demo,smoke,steps=4,checkpoint_every=2,log_every=1,model.dtype=bfloat16,model.frozen_dtype={fd}"
+    r = run_cli(["--config", f"configs/experiment.py:{arg}", "--workdir", str(wd)],
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows[fd] = [{k: v for k, v in json.loads(line).items() if k != "images_per_sec"}
+                for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert rows["auto"] == rows["float32"] and len(rows["auto"]) >= 4
+  mngr = ocp.CheckpointManager(tmp_path / "auto" / "checkpoints")
+  state = mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  mngr.close()
+  params = tree_lib.flatten(state["params"])
+  kernel = "encoder/blocks_0/attn/q/kernel"
+  assert str(params[kernel].dtype) == "bfloat16" and str(params["encoder/patch_embed/kernel"].dtype) == "bfloat16"
+  assert all(str(v.dtype) == "float32" for k, v in params.items() if "lora_" in k or k.startswith("head/"))
+  assert str(params["encoder/blocks_0/norm1/scale"].dtype) == "float32"
+  assert all(str(v.dtype) == "float32" for v in jax.tree_util.tree_leaves(state["opt_state"]) if v.ndim)
+  arg = "demo,smoke,steps=6,checkpoint_every=2,log_every=1,model.dtype=bfloat16"
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--workdir", str(tmp_path / "auto")],
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  assert r.returncode == 0 and f"Resumed {tmp_path / 'auto'} at step 4" in r.stdout, r.stderr[-2000:]

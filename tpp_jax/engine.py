@@ -97,15 +97,41 @@ def param_init_fn(encoder: ViT, objective, batch: dict):
   return init
 
 
+def storage_dtypes(config, params, aux, labels=None) -> tuple[dict, dict]:
+  """Frozen weight matrices (ndim >= 2) held in bfloat16 when the model computes in bfloat16.
+
+  They never get an update, and the forward casts them to bf16 anyway (Dense / Conv with dtype=bf16), so the step's
+  numbers are unchanged while their memory and memory traffic halve; trainable leaves, norms, biases and the
+  optimizer state stay float32. model.frozen_dtype='float32' keeps them float32. Works on arrays and on
+  ShapeDtypeStruct trees (the abstract state); DINO's teacher copy of the params (aux['teacher']) follows them.
+  """
+  if config.model.dtype != "bfloat16" or config.model.get("frozen_dtype", "auto") != "auto":
+    return params, aux
+  labels = labels if labels is not None else partition.label_tree(params, stages_lib.rules_for(config))
+
+  def cast(p, label):
+    if label != "frozen" or len(p.shape) < 2 or p.dtype != jnp.float32:
+      return p
+    if isinstance(p, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(p.shape, jnp.bfloat16, sharding=p.sharding)
+    return p.astype(jnp.bfloat16)
+
+  params = jax.tree_util.tree_map(cast, params, labels)
+  if isinstance(aux, dict) and "teacher" in aux:
+    aux = {**aux, "teacher": jax.tree_util.tree_map(cast, aux["teacher"], labels)}
+  return params, aux
+
+
 def abstract_state(config, encoder: ViT, objective) -> tuple[dict, dict]:
   """ShapeDtypeStruct trees of (params, aux) as the Trainer builds them; reads no file."""
-  return jax.eval_shape(param_init_fn(encoder, objective, dummy_batch(config)), jax.random.key(0))
+  params, aux = jax.eval_shape(param_init_fn(encoder, objective, dummy_batch(config)), jax.random.key(0))
+  return storage_dtypes(config, params, aux)
 
 
 def init_params(config, encoder: ViT, objective, sample_batch, rng):
   """Random init of encoder + objective params, then the backbone (and MAE decoder) from config.init."""
   params, aux = param_init_fn(encoder, objective, sample_batch)(rng)
-  return load_lib.init_from_files(config, encoder, params, aux)
+  return storage_dtypes(config, *load_lib.init_from_files(config, encoder, params, aux))
 
 
 def make_tx(config, labels):
@@ -219,6 +245,7 @@ def build(config, devices=None) -> Built:
   init_fn = param_init_fn(encoder, objective, dummy_batch(config))
   params, aux = jax.eval_shape(init_fn, jax.random.key(0))
   labels = partition.label_tree(params, stages_lib.rules_for(config))
+  params, aux = storage_dtypes(config, params, aux, labels)
   tx, schedule = make_tx(config, labels)
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params), "aux": aux}
@@ -358,6 +385,7 @@ class Trainer:
     params, aux = self.built.init_fn(rng)
     params, aux, self.init_source, self.target_init = load_lib.load_init(config, self.encoder, params, aux,
                                                                           self.labels)
+    params, aux = storage_dtypes(config, params, aux, self.labels)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params), "aux": aux}
     self.state = jax.device_put(state, self.state_sharding)
 
