@@ -1,0 +1,96 @@
+"""Where a tpp_jax training step spends its time on this backend: XLA ops grouped by what they compute.
+
+  python benchmarks/step_profile.py [--row finetune|tpp] [--steps 5] [--small|--full]
+
+Builds the same jitted step as `benchmarks/step_speed.py` (LoRA fine-tune, or the TPP MAE+LoRA step), runs
+--steps of it under jax.profiler with XLA:CPU's per-op trace events on, maps every traced XLA op (fusion) to the
+JAX operation it came from (its op_name metadata) and prints ms per step per group: matmuls of the projections /
+MLP / LoRA / head, attention (scores, softmax, weighted values), layout copies (transposes XLA inserts around the
+batched attention matmuls), GELU, LayerNorm, the optimizer, the rest. Ops on XLA's worker threads overlap, so the
+groups can add up to more than the wall time per step (printed too). CPU only for the op names (GPU/TPU traces
+name kernels differently): use XProf / TensorBoard's profile plugin there.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import step_speed  # noqa: E402
+
+GROUPS = ("matmul: q/k/v/o, MLP, LoRA, head", "attention: QK^T, softmax, AV", "layout copies / transposes", "GELU",
+          "LayerNorm", "optimizer (AdamW)", "other")
+
+
+def group_of(instr: str, op_name: str) -> str:
+  """The group of one traced XLA op, from its instruction name and its JAX op_name."""
+  if "adam" in op_name or "optax" in op_name or "apply_updates" in op_name:
+    return GROUPS[5]
+  last = op_name.split(";")[0].rsplit("/", 1)[-1]
+  if instr.startswith(("transpose", "copy")) or last in ("transpose", "reshape") and not instr.startswith("dot"):
+    return GROUPS[2]
+  if "attn/vmap" in op_name or "dot_product_attention" in op_name or "softmax" in op_name:
+    return GROUPS[1]
+  if instr.startswith("dot") or "ynn_fusion" in instr:
+    return GROUPS[0]
+  if "mlp/erf" in op_name or "gelu" in op_name or "mlp/mul" in op_name:
+    return GROUPS[3]
+  if re.search(r"norm\d?/", op_name):
+    return GROUPS[4]
+  return GROUPS[6]
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  return {m.group(1): m.group(2) for m in
+          re.finditer(r"%([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]+)\"", hlo_text)}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--row", choices=("finetune", "tpp"), default="finetune")
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--full", action="store_true", help="ViT-B/16 at 224 px (default on CPU: the demo size)")
+  a = ap.parse_args(argv)
+  s = step_speed.make_setup("full" if a.full else "small", None, None)
+  js = step_speed.jax_finetune(s) if a.row == "finetune" else step_speed.jax_tpp(s)
+  names = op_names(js.compiled.as_text())
+  step = js.start([0.0])
+  for _ in range(2):
+    step.run()
+  step.sync()
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(a.steps):
+        step.run()
+      step.sync()
+    wall = (time.perf_counter() - t0) / a.steps
+    trace = next(pathlib.Path(tmp).rglob("*.trace.json.gz"))
+    events = json.load(gzip.open(trace))["traceEvents"]
+  total = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and name in names:
+      total[group_of(name, names[name])] += e.get("dur", 0) / 1e3 / a.steps
+  busy = sum(total.values())
+  print(f"{a.row} step, {s.vit.image_size} px, batch {s.batch}, jax {jax.__version__} on {jax.devices()[0].platform}; "
+        f"wall {wall * 1e3:.1f} ms/step under the profiler; traced ops {busy:.1f} ms/step")
+  print("| group | ms/step | share |\n|---|---:|---:|")
+  for g in GROUPS:
+    print(f"| {g} | {total[g]:.1f} | {100 * total[g] / max(busy, 1e-9):.0f} % |")
+
+
+if __name__ == "__main__":
+  main()
