@@ -63,14 +63,13 @@ def bracket_rows(run_dir: pathlib.Path) -> list[str]:
   records = report.collect([run_dir])
   data = _data_name([r for r in records if r["role"] != "tpp"] or records)
   rows = []
-  for arm in ("linear", "baseline", "tpp_finetune", "full"):
+  for arm in ("linear", "baseline", "baseline_matched", "tpp_finetune", "full"):
     runs = [r for r in records if r["arm"] == arm and r["fraction"] == 1.0]
     if not runs or not any(r["arm"] in ("linear", "full") for r in records):
       continue
     task = runs[0]["task"]
     cells = [_ms([r["final"]["test"][k] for r in runs if k in r["final"].get("test", {})]) for k in METRICS[task]]
-    rows.append(f"| {data} | {arm} | {len(runs)} | " + " | ".join(
-        f"{NAMES[k]} {v}" for k, v in zip(METRICS[task], cells)) + " |")
+    rows.append(f"| {data} | {arm} | {len(runs)} | " + " | ".join(cells) + " |")
   return rows
 
 
@@ -85,7 +84,7 @@ def main(argv=None):
   brackets = [row for d in pipelines(out) for row in bracket_rows(d)]
   if brackets:
     print("\n#### Brackets: linear probe and full fine-tune beside the PEFT arms (test split, final step)\n\n"
-          "| data (test images) | arm | n | metrics (mean ± std over seeds) |\n|---|---|---:|---|")
+          "| data (test images) | arm | n | accuracy / Dice | AUC / IoU |\n|---|---|---:|---:|---:|")
     print("\n".join(brackets))
   print("\n_paired t-test over seeds, two-sided, 95 % level (tpp_jax.report); mean ± std over seeds._")
 
