@@ -1,8 +1,8 @@
 """XLA compile options: the one place that tunes how steps compile, and the jit every module uses.
 
 XLA:CPU (jax 0.10) outlines ViT steps into large YNNPACK fusions that run the backward pass at about half the
-speed of plain XLA dots + loop fusions: on the demo LoRA step (2-core CPU) the fine-tune step took 488 ms with them
-and 404 ms without (`benchmarks/step_speed.py`). `compiler_options()` turns them off on CPU, where the running
+speed of plain XLA dots + loop fusions: the demo-size LoRA fine-tune step (2-core CPU) took 488 ms with them and
+435 ms without. `compiler_options()` turns them off on CPU, where the running
 XLA knows the option; elsewhere (GPU / TPU, or an XLA without it) it is None and nothing changes.
 Set TPP_XLA_DEFAULTS=0 to compile with XLA's own defaults.
 """
