@@ -149,10 +149,15 @@ def lock(workdir, enabled: bool = True):
 # What a rerun may change
 # ------------------------------------------------------------------------------------------------
 
-def checkpoint_steps(workdir) -> list[int]:
-  """The steps of the complete periodic checkpoints in wd/checkpoints (orbax's temporary folders excluded)."""
-  folder = pathlib.Path(workdir) / "checkpoints"
+def step_folders(folder) -> list[int]:
+  """The steps of the complete checkpoints in a checkpoint folder (orbax's temporary folders excluded)."""
+  folder = pathlib.Path(folder)
   return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of the complete periodic checkpoints in wd/checkpoints."""
+  return step_folders(pathlib.Path(workdir) / "checkpoints")
 
 
 def trained_steps(workdir) -> int:

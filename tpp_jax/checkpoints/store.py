@@ -22,13 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tpp_jax.tree import flatten, leaf_paths, path_str, unflatten
+from tpp_jax.workdir import step_folders
 
 CHECKSUMS = "tpp_checksums.json"
 DAMAGED = "damaged_checkpoints"
-
-
-def _steps(folder: pathlib.Path) -> list[int]:
-  return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
 
 
 def _files(step_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -99,7 +96,7 @@ def quarantine(step_dir: pathlib.Path, why: str) -> pathlib.Path:
 def drop_damaged(folder: pathlib.Path) -> int:
   """Quarantine the damaged steps of `folder`, newest first, up to the first intact one; returns how many moved."""
   moved = 0
-  for step in reversed(_steps(folder)):
+  for step in reversed(step_folders(folder)):
     why = damage(folder / str(step))
     if why is None:
       break
@@ -119,7 +116,7 @@ class CheckpointStore:
   def __init__(self, workdir: str | pathlib.Path, keep: int = 2, best_mode: str = "max"):
     self.dir = pathlib.Path(workdir).absolute()
     self.keep, self.best_mode = keep, best_mode
-    if drop_damaged(self.dir / "checkpoints") and not _steps(self.dir / "checkpoints"):
+    if drop_damaged(self.dir / "checkpoints") and not step_folders(self.dir / "checkpoints"):
       raise _none_left(self.dir / "checkpoints")
     drop_damaged(self.dir / "best")
     self._open()
