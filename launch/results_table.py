@@ -43,6 +43,8 @@ def pipelines(out: pathlib.Path) -> list[pathlib.Path]:
 
 def paired_rows(run_dir: pathlib.Path, source: str) -> list[str]:
   records = report.collect([run_dir])
+  if not records:  # a pipeline still at its first arm
+    return []
   pretext = next((r["pretext"] for r in records if r["role"] == "tpp"), "")
   data = _data_name([r for r in records if r["role"] != "tpp"] or records)
   rows = []
@@ -61,6 +63,8 @@ def paired_rows(run_dir: pathlib.Path, source: str) -> list[str]:
 
 def bracket_rows(run_dir: pathlib.Path) -> list[str]:
   records = report.collect([run_dir])
+  if not records:
+    return []
   data = _data_name([r for r in records if r["role"] != "tpp"] or records)
   rows = []
   for arm in ("linear", "baseline", "baseline_matched", "tpp_finetune", "full"):
@@ -79,8 +83,7 @@ def main(argv=None):
           "95% CI | p | verdict |\n|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
   for source, title in (("final", "final step"), ("best_final", "checkpoint selected by validation")):
     print(f"\n#### Test split, {title}\n\n{head}")
-    for d in pipelines(out):
-      print("\n".join(paired_rows(d, source)))
+    print("\n".join(row for d in pipelines(out) for row in paired_rows(d, source)))
   brackets = [row for d in pipelines(out) for row in bracket_rows(d)]
   if brackets:
     print("\n#### Brackets: linear probe and full fine-tune beside the PEFT arms (test split, final step)\n\n"

@@ -24,6 +24,7 @@ def _rows(text: str, title: str) -> list[list[str]]:
 @pytest.mark.parametrize("task, metrics", [("classification", ("accuracy", "AUC")), ("segmentation", ("Dice", "IoU"))])
 def test_results_table_cli_matches_scipy(tmp_path, sp_stats, task, metrics):
   finals = make_pipeline(tmp_path / "out" / "row", seeds=(0, 1, 2, 3), task=task)
+  (tmp_path / "out" / "started" / "seed_0" / "tpp").mkdir(parents=True)  # a pipeline at its first arm: no rows
   r = subprocess.run([sys.executable, str(ROOT / "launch" / "results_table.py"), str(tmp_path / "out")],
                      capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 0, r.stderr
