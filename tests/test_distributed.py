@@ -19,6 +19,7 @@ import pytest
 
 from tpp_jax import engine
 from tpp_jax import main as main_lib
+from tpp_jax import workdir as workdir_lib
 from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
@@ -152,13 +153,13 @@ def test_checkpoints_of_the_pair_restore_in_one_process(pair_run, tmp_path):
   _assert_ok(results)
   # every step holds both hosts' shards and process 0 sealed it with checksums that cover them
   for folder in ("checkpoints", "best"):
-    steps = store_lib._steps(wd / folder)
+    steps = workdir_lib.step_folders(wd / folder)
     assert steps, folder
     for step in steps:
       step_dir = wd / folder / str(step)
       assert (step_dir / store_lib.CHECKSUMS).exists(), step_dir
       assert store_lib.damage(step_dir) is None, step_dir
-  assert store_lib._steps(wd / "checkpoints") == [2, 4]
+  assert workdir_lib.step_folders(wd / "checkpoints") == [2, 4]
 
   latest, best = restore_lib.load_run(wd, "latest"), restore_lib.load_run(wd, "best")
   assert (latest.checkpoint, best.checkpoint, best.step) == ("latest", "best", 4)
@@ -227,7 +228,7 @@ def test_a_damaged_checkpoint_is_set_aside_once_and_both_hosts_resume_from_the_s
     assert "Resumed" in out and "at step 2" in out, out[-3000:]  # both hosts: the newest intact step
   assert "is damaged" in more[0][1]
   assert [p.name for p in (run / store_lib.DAMAGED).iterdir()] == ["checkpoints_4"]  # moved once, by process 0
-  assert store_lib._steps(run / "checkpoints") == [4, 6]
+  assert workdir_lib.step_folders(run / "checkpoints") == [4, 6]
   assert restore_lib.load_run(run, "latest").step == 6
   rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
   keys = [(r["step"], r["split"]) for r in rows]

@@ -131,7 +131,8 @@ def abstract_state(config, encoder: ViT, objective) -> tuple[dict, dict]:
 def init_params(config, encoder: ViT, objective, sample_batch, rng):
   """Random init of encoder + objective params, then the backbone (and MAE decoder) from config.init."""
   params, aux = param_init_fn(encoder, objective, sample_batch)(rng)
-  return storage_dtypes(config, *load_lib.init_from_files(config, encoder, params, aux))
+  params, aux, source = load_lib.init_from_files(config, encoder, params, aux)
+  return (*storage_dtypes(config, params, aux), source)
 
 
 def make_tx(config, labels):
