@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpp_jax import partition
+from tpp_jax import engine, partition
 from tpp_jax import tree as tree_lib
 from tpp_jax.models.heads import ClassifierHead
 from tpp_jax.models.mae import MAEDecoder, MAEDecoderConfig, mae_loss, random_masking
@@ -217,10 +217,8 @@ def fmt_bytes(n: float) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 def split_trainable(params, labels):
-  """(trainable, frozen) nested trees of `params` by partition label."""
-  flat, lab = tree_lib.flatten(params), tree_lib.flatten(labels)
-  pick = lambda frozen: tree_lib.unflatten({k: v for k, v in flat.items() if (lab[k] == "frozen") == frozen})
-  return pick(False), pick(True)
+  """(trainable, frozen) nested trees of `params` by partition label (engine.split_trainable, nested)."""
+  return tuple(tree_lib.unflatten(part) for part in engine.split_trainable(params, labels))
 
 
 def merge(trainable, frozen):
