@@ -62,8 +62,9 @@ def main(argv=None):
   ap.add_argument("--row", choices=("finetune", "tpp"), default="finetune")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--full", action="store_true", help="ViT-B/16 at 224 px (default on CPU: the demo size)")
+  ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests
   a = ap.parse_args(argv)
-  s = step_speed.make_setup("full" if a.full else "small", None, None)
+  s = step_speed.make_setup("full" if a.full else "tiny" if a.tiny else "small", None, None)
   js = step_speed.jax_finetune(s) if a.row == "finetune" else step_speed.jax_tpp(s)
   names = op_names(js.compiled.as_text())
   step = js.start([0.0])

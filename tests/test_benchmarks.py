@@ -51,3 +51,16 @@ def test_step_speed_table_and_flops():
   tiny = m.make_setup("tiny", None, None).vit
   xla = m.xla_forward_flops(tiny, batch=2)  # jax's own count of the tpp_jax ViT forward
   assert abs(xla / m.vit_forward_flops(tiny) - 1) < 0.05, (xla, m.vit_forward_flops(tiny))
+
+
+def test_step_profile_groups_the_traced_ops_through_its_cli():
+  """benchmarks/step_profile.py: every group row, shares summing to ~100 %, and some matmul and attention time."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--tiny", "--steps", "2"],
+                     capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
+          for m in re.finditer(r"^\| ([^|]+?) \| ([\d.]+) \| (\d+) % \|$", r.stdout, re.M)}
+  assert len(rows) == 7, r.stdout
+  assert 95 <= sum(share for _, share in rows.values()) <= 105
+  assert rows["matmul: q/k/v/o, MLP, LoRA, head"][0] > 0 and rows["attention: QK^T, softmax, AV"][0] > 0
