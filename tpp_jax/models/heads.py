@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from tpp_jax.models.activations import gelu
+from tpp_jax.models.linear import Dense
 
 
 class ClassifierHead(nn.Module):
@@ -21,7 +22,7 @@ class ClassifierHead(nn.Module):
     if self.kind == "bn_linear":
       x = nn.BatchNorm(use_running_average=not train, use_bias=False, use_scale=False, epsilon=1e-6,
                        momentum=0.9, name="bn")(x)
-    return nn.Dense(self.num_classes, name="fc", kernel_init=nn.initializers.truncated_normal(0.01))(x)
+    return Dense(self.num_classes, name="fc", kernel_init=nn.initializers.truncated_normal(0.01))(x)
 
 
 class SegDecoder(nn.Module):
@@ -38,7 +39,7 @@ class SegDecoder(nn.Module):
   def __call__(self, levels: Sequence[jax.Array], images: jax.Array, train: bool = False):
     b, h, w, _ = images.shape
     g = h // self.patch
-    feats = [nn.Dense(self.dim, name=f"proj_{i}")(lv.astype(jnp.float32)).reshape(b, g, g, self.dim)
+    feats = [Dense(self.dim, name=f"proj_{i}")(lv.astype(jnp.float32)).reshape(b, g, g, self.dim)
              for i, lv in enumerate(levels)]
     x = nn.Conv(self.dim, (1, 1), name="fuse")(jnp.concatenate(feats, axis=-1))
     i, size = 0, g
@@ -69,9 +70,9 @@ class DINOHead(nn.Module):
   def __call__(self, x):
     x = x.astype(jnp.float32)
     init = nn.initializers.truncated_normal(0.02)
-    x = gelu(nn.Dense(self.hidden_dim, kernel_init=init, name="fc1")(x))
-    x = gelu(nn.Dense(self.hidden_dim, kernel_init=init, name="fc2")(x))
-    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name="fc3")(x)
+    x = gelu(Dense(self.hidden_dim, kernel_init=init, name="fc1")(x))
+    x = gelu(Dense(self.hidden_dim, kernel_init=init, name="fc2")(x))
+    x = Dense(self.bottleneck_dim, kernel_init=init, name="fc3")(x)
     x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
     v = self.param("prototypes", init, (self.bottleneck_dim, self.out_dim))
     return x @ (v / jnp.linalg.norm(v, axis=0, keepdims=True))

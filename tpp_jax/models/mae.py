@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tpp_jax.models.linear import Dense
 from tpp_jax.models.peft import Norm, PeftConfig
 from tpp_jax.models.vit import Block, ViTConfig, sincos_2d
 
@@ -79,7 +80,7 @@ class MAEDecoder(nn.Module):
     """tokens (B, 1+K, D_enc) from the encoder, ids_restore (B, N) -> (B, N, P*P*C)."""
     c, e = self.cfg, self.encoder
     n = ids_restore.shape[1]
-    x = nn.Dense(c.width, name="embed", kernel_init=nn.initializers.xavier_uniform())(tokens.astype(jnp.float32))
+    x = Dense(c.width, name="embed", kernel_init=nn.initializers.xavier_uniform())(tokens.astype(jnp.float32))
     b, t, d = x.shape
     mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, d))
     x_ = jnp.concatenate([x[:, 1:], jnp.broadcast_to(mask_token, (b, n + 1 - t, d))], axis=1)
@@ -94,7 +95,7 @@ class MAEDecoder(nn.Module):
     for i in range(c.depth):
       x = Block(block_cfg, PeftConfig(), name=f"blocks_{i}")(x, not train)
     x = Norm(c.ln_eps, PeftConfig(), name="norm")(x)
-    x = nn.Dense(e.patch * e.patch * e.channels, name="pred",
+    x = Dense(e.patch * e.patch * e.channels, name="pred",
                  kernel_init=nn.initializers.xavier_uniform())(x)
     return x[:, 1:]
 

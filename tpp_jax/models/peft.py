@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpp_jax.models.activations import gelu
+from tpp_jax.models.linear import Dense, token_matmul
 
 PEFT_TYPES = ("none", "lora", "dora", "adapter", "adaptformer", "vpt", "ssf", "bitfit")
 LORA_SITES = ("q", "k", "v", "o", "fc1", "fc2")
@@ -113,13 +114,14 @@ class PeftDense(nn.Module):
         w = kernel + cfg.lora_scale * a @ b
         # DoRA (as in HF peft): the column norm is treated as a constant in the backward pass.
         norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
-        y = (m / norm).astype(self.dtype) * (xd @ w.astype(self.dtype))
+        y = (m / norm).astype(self.dtype) * token_matmul(xd, w.astype(self.dtype))
         if cfg.dropout > 0:  # peft: base path sees undropped x, DoRA delta sees dropped x
-          y = y + x @ kernel.astype(self.dtype) - xd @ kernel.astype(self.dtype)
+          y = y + token_matmul(x, kernel.astype(self.dtype)) - token_matmul(xd, kernel.astype(self.dtype))
       else:
-        y = x @ kernel.astype(self.dtype) + cfg.lora_scale * ((xd @ a.astype(self.dtype)) @ b.astype(self.dtype))
+        lora = token_matmul(token_matmul(xd, a.astype(self.dtype)), b.astype(self.dtype))
+        y = token_matmul(x, kernel.astype(self.dtype)) + cfg.lora_scale * lora
     else:
-      y = x @ kernel.astype(self.dtype)
+      y = token_matmul(x, kernel.astype(self.dtype))
     if bias is not None:
       y = y + bias.astype(self.dtype)
     if cfg.type == "ssf":
@@ -156,10 +158,9 @@ class Adapter(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    h = nn.Dense(self.dim, dtype=self.dtype, name="down",
-                 kernel_init=nn.initializers.lecun_normal())(x)
+    h = Dense(self.dim, dtype=self.dtype, name="down", kernel_init=nn.initializers.lecun_normal())(x)
     h = gelu(h)
-    return nn.Dense(d, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)
+    return Dense(d, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tpp_jax.models.activations import gelu
+from tpp_jax.models.linear import Dense
 from tpp_jax.objectives.base import Objective
 
 
@@ -23,8 +24,8 @@ class ProjectionHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = gelu(nn.Dense(self.hidden_dim, name="fc1")(x.astype(jnp.float32)))
-    return nn.Dense(self.out_dim, name="fc2")(x)
+    x = gelu(Dense(self.hidden_dim, name="fc1")(x.astype(jnp.float32)))
+    return Dense(self.out_dim, name="fc2")(x)
 
 
 def nt_xent(z1, z2, temperature: float, valid=None):
