@@ -287,3 +287,29 @@ def test_tpu_pod_usage_and_checks():
   assert r.returncode == 0 and "TPU_NAME" in r.stdout and "WORKDIR" in r.stdout
   r = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "run"], capture_output=True, text=True, env=env)
   assert r.returncode != 0 and "TPU_NAME" in r.stderr
+
+
+def _results_dry_run(tmp_path, **env) -> str:
+  full_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DRY_RUN": "1", **env}
+  r = subprocess.run(["bash", str(LAUNCH / "results.sh"), str(tmp_path / "out")], capture_output=True, text=True,
+                     env=full_env, cwd=ROOT)
+  assert r.returncode == 0, r.stderr
+  return r.stdout
+
+
+def test_results_lanes_run_every_row_once_on_their_own_cores(tmp_path):
+  """launch/results.sh: LANES=2 splits the rows in two pinned lanes (disjoint cores), LANES=1 runs them in one."""
+  if not shutil.which("taskset"):
+    pytest.skip("taskset (util-linux) is not installed")
+  two = _results_dry_run(tmp_path, LANES="2")
+  lanes = [chunk.strip().splitlines() for chunk in re.split(r"^lane \d:$", two, flags=re.M)[1:]]
+  assert len(lanes) == 2
+  workdirs = [re.search(r"--workdir (\S+)", line).group(1) for lane in lanes for line in lane]
+  rows = {"pneumonia_lora", "kvasir_lora", "pneumonia_adapter", "pneumonia_lora_contrastive", "pneumonia_lora_dino",
+          "probe_house", "probe_random"}
+  assert sorted(pathlib.Path(w).name for w in workdirs) == sorted(rows)
+  pins = [{re.match(r"taskset -c (\S+) ", line).group(1) for line in lane} for lane in lanes]
+  assert all(len(p) == 1 for p in pins) and pins[0] != pins[1], pins
+  one = _results_dry_run(tmp_path, LANES="1")
+  assert "taskset" not in one and len(one.strip().splitlines()) == len(rows)
+  assert "seeds=5," in one and "seeds=3," in _results_dry_run(tmp_path, LANES="1", SEEDS="3")

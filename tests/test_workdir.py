@@ -171,6 +171,20 @@ def test_check_config_lists_what_may_change(tmp_path):
     workdir_lib.check_config(load_config("experiment", "demo,smoke,steps=4,optim.weight_decay=0.3"), tmp_path)
 
 
+def test_a_run_saved_before_a_behaviour_changing_field_is_not_resumed_with_its_new_default(tmp_path):
+  """pretext.dino_batch_norm came with default True; a DINO workdir saved before it ran without: a rerun with today's
+  default must refuse (not mix two DINOs in one run), and one with dino_batch_norm=False resumes it."""
+  c = load_config("experiment", "demo,smoke,steps=4,pretext.type=dino")
+  saved = json.loads(config_lib.to_json(c))
+  del saved["pretext"]["dino_batch_norm"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(config_lib.ConfigError, match=r"fields \['pretext.dino_batch_norm'\]"):
+    workdir_lib.check_config(c, tmp_path)
+  old = load_config("experiment", "demo,smoke,steps=4,pretext.type=dino,pretext.dino_batch_norm=False")
+  workdir_lib.check_config(old, tmp_path)
+  workdir_lib.check_config(c, tmp_path.parent / "fresh")  # a new workdir: no question
+
+
 def test_trim_metrics_drops_rows_past_the_resume_step_and_a_cut_line(tmp_path):
   rows = [{"step": s, "split": "train"} for s in (1, 2, 3, 4)]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "spl')

@@ -7,6 +7,7 @@ A config file defines `get_config(arg=None)` and usually starts from `base_confi
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import json
 import pathlib
@@ -54,6 +55,7 @@ def base_config() -> mlc.ConfigDict:
       # DINO
       dino_out_dim=1024, dino_hidden_dim=512, dino_bottleneck_dim=128, teacher_momentum=0.996,
       teacher_temp=0.04, student_temp=0.1, center_momentum=0.9,
+      dino_batch_norm=True,  # DINO: standardise the pooled features over the batch before the head (models/heads.py)
       local_crops=0, local_crop_size=32, local_crop_scale=(0.05, 0.4),  # DINO multi-crop (objectives/dino.py)
       teacher_temp_warmup=0.04, teacher_temp_warmup_steps=0,  # DINO: teacher temp from this to teacher_temp
       # contrastive (objectives/contrastive.py): NT-Xent temperature, projection head proj_head
@@ -297,10 +299,24 @@ def to_json(c: mlc.ConfigDict) -> str:
   return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+# Fields added with a default that changes what a run does: a config.json saved before such a field existed ran with
+# the value here (the behaviour of its time), not with the new default.
+BEFORE_FIELD_EXISTED = {"pretext.dino_batch_norm": False}
+
+
 def with_defaults(saved: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict:
   """A saved config.json (dict) with the fields it lacks filled in from base_config (nested dicts merged):
-  a run saved before a field existed ran with that field's default."""
-  defaults = json.loads(to_json(base_config())) if defaults is None else defaults
+  a run saved before a field existed ran with that field's default, or with BEFORE_FIELD_EXISTED's value."""
+  if defaults is None:
+    defaults = json.loads(to_json(base_config()))
+    saved = copy.deepcopy(dict(saved))
+    for dotted, value in BEFORE_FIELD_EXISTED.items():
+      *parents, leaf = dotted.split(".")
+      node = saved
+      for part in parents:
+        node = node.get(part) if isinstance(node, Mapping) else None
+      if isinstance(node, dict) and leaf not in node:
+        node[leaf] = value
   out = dict(saved)
   for k, v in defaults.items():
     if k not in out:

@@ -15,6 +15,10 @@ interpolate_pos_encoding) from the model's patch grid to the local grid: a secon
 image_size = local_crop_size applied to the same parameters, pos_embed swapped for the resized one.
 Gradients reach pos_embed through the resize (where it is trainable).
 
+pretext.dino_batch_norm (default on) standardises the pooled features over the batch before the head (per forward
+call: the two globals together, the local crops together, as DINO's BatchNorm head over concatenated crops): the
+features of a frozen backbone barely differ between images, and without it the teacher stays uniform (models/heads.py).
+
 Teacher temperature: linear warm-up from pretext.teacher_temp_warmup to pretext.teacher_temp over
 pretext.teacher_temp_warmup_steps train steps (0 = none), counted by aux['center_updates'] (one
 per train step).
@@ -58,7 +62,7 @@ class DINOObjective(Objective):
   def __init__(self, config, encoder):
     super().__init__(config, encoder)
     p = config.pretext
-    self.head = DINOHead(p.dino_out_dim, p.dino_hidden_dim, p.dino_bottleneck_dim)
+    self.head = DINOHead(p.dino_out_dim, p.dino_hidden_dim, p.dino_bottleneck_dim, bool(p.dino_batch_norm))
     self.teacher_temp, self.student_temp = float(p.teacher_temp), float(p.student_temp)
     self.temp_start = float(p.teacher_temp_warmup)
     self.temp_steps = int(p.teacher_temp_warmup_steps)
@@ -100,9 +104,9 @@ class DINOObjective(Objective):
     frac = jnp.clip(jnp.asarray(step, jnp.float32) / self.temp_steps, 0.0, 1.0)
     return self.temp_start + (self.teacher_temp - self.temp_start) * frac
 
-  def _out(self, params, images, train, rng=None):
+  def _out(self, params, images, train, rng=None, weights=None):
     feats = self.encode(params, images, train, rng)["pooled"]
-    return self.head.apply({"params": params["dino_head"]}, feats)
+    return self.head.apply({"params": params["dino_head"]}, feats, weights)
 
   def _local_out(self, params, images, train, rng=None):
     """Student outputs of local crops (N, s, s, C): the encoder at the local size, pos-emb resized."""
@@ -152,9 +156,9 @@ class DINOObjective(Objective):
     return {**aux, "teacher": teacher}
 
   def eval_outputs(self, params, aux, batch):
-    s = self._out(params, batch["image"], False)
-    t = self._out(aux["teacher"], batch["image"], False)
     valid = batch["valid"].astype(jnp.float32)
+    s = self._out(params, batch["image"], False, weights=valid)
+    t = self._out(aux["teacher"], batch["image"], False, weights=valid)
     t_mean = (t * valid[:, None]).sum(0) / jnp.maximum(valid.sum(), 1.0)
     temp = self.teacher_temperature(aux["center_updates"])
     tp = jax.nn.softmax((t - self.center(aux, t_mean)) / temp, axis=-1)
