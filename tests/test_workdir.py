@@ -183,6 +183,11 @@ def test_a_run_saved_before_a_behaviour_changing_field_is_not_resumed_with_its_n
   old = load_config("experiment", "demo,smoke,steps=4,pretext.type=dino,pretext.dino_batch_norm=False")
   workdir_lib.check_config(old, tmp_path)
   workdir_lib.check_config(c, tmp_path.parent / "fresh")  # a new workdir: no question
+  mae = load_config("experiment", "demo,smoke,steps=4")  # an MAE run saved before the field: resumes as it was
+  saved = json.loads(config_lib.to_json(mae))
+  del saved["pretext"]["dino_batch_norm"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  workdir_lib.check_config(mae, tmp_path)
 
 
 def test_trim_metrics_drops_rows_past_the_resume_step_and_a_cut_line(tmp_path):

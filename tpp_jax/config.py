@@ -299,9 +299,15 @@ def to_json(c: mlc.ConfigDict) -> str:
   return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-# Fields added with a default that changes what a run does: a config.json saved before such a field existed ran with
-# the value here (the behaviour of its time), not with the new default.
-BEFORE_FIELD_EXISTED = {"pretext.dino_batch_norm": False}
+# Fields added with a default that changes what a run does: (field, the value a config.json saved before the field
+# existed ran with, (field, value): the runs it applies to; in the others the new field changes nothing).
+BEFORE_FIELD_EXISTED = (("pretext.dino_batch_norm", False, ("pretext.type", "dino")),)
+
+
+def _dotted_get(tree: Mapping[str, Any], dotted: str):
+  for part in dotted.split("."):
+    tree = tree.get(part) if isinstance(tree, Mapping) else None
+  return tree
 
 
 def with_defaults(saved: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict:
@@ -310,12 +316,10 @@ def with_defaults(saved: Mapping[str, Any], defaults: Mapping[str, Any] | None =
   if defaults is None:
     defaults = json.loads(to_json(base_config()))
     saved = copy.deepcopy(dict(saved))
-    for dotted, value in BEFORE_FIELD_EXISTED.items():
+    for dotted, value, (when_field, when_value) in BEFORE_FIELD_EXISTED:
       *parents, leaf = dotted.split(".")
-      node = saved
-      for part in parents:
-        node = node.get(part) if isinstance(node, Mapping) else None
-      if isinstance(node, dict) and leaf not in node:
+      node = _dotted_get(saved, ".".join(parents))
+      if isinstance(node, dict) and leaf not in node and _dotted_get(saved, when_field) == when_value:
         node[leaf] = value
   out = dict(saved)
   for k, v in defaults.items():
