@@ -1,10 +1,21 @@
-"""Test set-up: 8 fake CPU devices (set before jax is imported) and the shared-data locator."""
+"""Test set-up: 8 fake CPU devices and one persistent XLA compilation cache (set before jax is imported), and the
+shared-data locator."""
+import atexit
 import csv
 import io
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests (and the CLI subprocesses they start) compile the same small train / eval steps: a cache for the session
+# compiles each once (tests/test_workdir.py: 431 -> 302 s). Your own JAX_COMPILATION_CACHE_DIR is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="tpp_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _XLA_CACHE, True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pathlib
 
