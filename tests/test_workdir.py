@@ -14,7 +14,7 @@ from tpp_jax import config as config_lib
 from tpp_jax import main
 from tpp_jax import workdir as workdir_lib
 
-from conftest import load_config, run_cli
+from conftest import load_config, one_error_line, run_cli
 
 PIPE_ARG = "smoke,steps=6,pipeline.tpp_steps=6,checkpoint_every=2,eval_every=3"
 ARMS = ("tpp", "tpp_finetune", "baseline")
@@ -188,6 +188,29 @@ def test_a_run_saved_before_a_behaviour_changing_field_is_not_resumed_with_its_n
   del saved["pretext"]["dino_batch_norm"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   workdir_lib.check_config(mae, tmp_path)
+
+
+def test_cli_old_dino_workdir_refuses_the_new_default_and_resumes_as_it_ran(tmp_path):
+  """Through python -m tpp_jax.main: a DINO run saved before pretext.dino_batch_norm existed (the field removed from
+  its config.json) is refused by a rerun with today's default, with one error naming the field; with the old value
+  it resumes and trains on to the new step count."""
+  wd = tmp_path / "dino"
+  arg = "demo,smoke,stage=tpp,pretext.type=dino,steps=2,checkpoint_every=1,eval_every=0"
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--workdir", str(wd)])
+  assert r.returncode == 0, r.stderr[-2000:]
+  saved = json.loads((wd / "config.json").read_text())
+  assert saved["pretext"]["dino_batch_norm"] is True
+  del saved["pretext"]["dino_batch_norm"]
+  (wd / "config.json").write_text(json.dumps(saved))
+  before = sorted(p.name for p in wd.rglob("*"))
+  r = run_cli(["--config", f"configs/experiment.py:{arg.replace('steps=2', 'steps=3')}", "--workdir", str(wd)])
+  msg = one_error_line(r)
+  assert "pretext.dino_batch_norm" in msg, msg
+  assert sorted(p.name for p in wd.rglob("*")) == before  # nothing written
+  r = run_cli(["--config", f"configs/experiment.py:{arg.replace('steps=2', 'steps=3')},pretext.dino_batch_norm=False",
+               "--workdir", str(wd)])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads((wd / "summary.json").read_text())["steps"] == 3
 
 
 def test_trim_metrics_drops_rows_past_the_resume_step_and_a_cut_line(tmp_path):

@@ -17,13 +17,6 @@ import flax.linen as nn
 import jax
 
 
-def token_matmul(x, w):
-  """x (..., d_in) @ w (d_in, d_out) as one 2-D matmul over all leading dims of x."""
-  if x.ndim <= 2:
-    return x @ w
-  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
-
-
 def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """jax.lax.dot_general; a Dense layer's form (last dim of lhs with dim 0 of a 2-D rhs) as a 2-D matmul."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
@@ -34,6 +27,11 @@ def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type)
+
+
+def token_matmul(x, w):
+  """x (..., d_in) @ w (d_in, d_out) as one 2-D matmul over all leading dims of x."""
+  return token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 Dense = functools.partial(nn.Dense, dot_general=token_dot_general)

@@ -95,8 +95,7 @@ class MAEDecoder(nn.Module):
     for i in range(c.depth):
       x = Block(block_cfg, PeftConfig(), name=f"blocks_{i}")(x, not train)
     x = Norm(c.ln_eps, PeftConfig(), name="norm")(x)
-    x = Dense(e.patch * e.patch * e.channels, name="pred",
-                 kernel_init=nn.initializers.xavier_uniform())(x)
+    x = Dense(e.patch * e.patch * e.channels, name="pred", kernel_init=nn.initializers.xavier_uniform())(x)
     return x[:, 1:]
 
 
