@@ -113,8 +113,12 @@ def base_config() -> mlc.ConfigDict:
   # compute_matched: add the arm baseline_matched, the baseline trained tpp_steps + steps steps.
   # brackets: add the arms linear (linear probe: task head only) and full (full fine-tune: backbone + head), same
   # backbone, data, steps, optimizer and seed as the baseline, once per labelled fraction.
+  # controls_from: another pipeline's workdir whose control arms (those that start from no TPP arm: baseline,
+  # baseline_matched, linear, full) this one shares instead of training its own copy; the two may differ only in
+  # their pretext and pipeline.tpp_* fields (e.g. the DINO row of a table shares the MAE row's baselines).
   c.pipeline = mlc.ConfigDict(dict(tpp_steps=200, tpp_lr=1e-3, tpp_batch_size=64, report=True,
-                                   label_fractions=(1.0,), compute_matched=False, brackets=False))
+                                   label_fractions=(1.0,), compute_matched=False, brackets=False,
+                                   controls_from=""))
   return c
 
 

@@ -8,6 +8,10 @@ For each seed s in (seed, seed+1, ..., seed+seeds-1), in DIR/seed_s/:
   linear/, full/     pipeline.brackets: linear probe and full fine-tune of the same backbone (the baseline's budget)
   frac_F/{tpp_finetune,baseline,baseline_matched}/   per pipeline.label_fractions entry F < 1: the fine-tune arms
                      on a stratified fraction F of the train split (drawn per (F, seed), the same for every arm)
+With pipeline.controls_from=OTHER (another pipeline's workdir), the control arms (those that start from no TPP arm:
+baseline, baseline_matched, linear, full) are not trained again: DIR/seed_S/NAME links to OTHER/seed_S/NAME, after
+every field but the pretext's and the pipeline's is checked equal. They run after this pipeline's own arms; one
+missing in OTHER is trained there (holding OTHER's lock), and while another process runs OTHER, this one waits.
 Then DIR/report.md with tables, learning curves, MAE reconstructions / segmentation overlays, and with several
 labelled fractions the label-efficiency table and label_efficiency.png.
 Every sub-run is an ordinary workdir: an interrupted pipeline resumes where it stopped, a finished arm is not trained
@@ -18,8 +22,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import pathlib
 import signal
+import time
 import weakref
 
 import jax
@@ -97,32 +103,169 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
   return out
 
 
+def is_control(arm_config) -> bool:
+  """Whether an arm starts from no TPP arm (baseline, baseline_matched, linear, full): its run does not depend on
+  the pipeline's pretext, so pipelines that differ only there can share it (pipeline.controls_from)."""
+  return stages.get(arm_config.stage).objective != "pretext" and not arm_config.target_init
+
+
+# Fields two shared control arms may differ in: how the run is shown and saved, not what it computes.
+_SHARE_MAY_DIFFER = ("progress", "stop_after", "checkpoint_every", "log_every", "keep_checkpoints", "eval_batch_size",
+                     "data.cache", "data.prefetch", "seeds")
+
+
+def controls_source(config, wd: pathlib.Path) -> pathlib.Path | None:
+  """The workdir named by pipeline.controls_from (absolute), or None when it is unset."""
+  src = str(config.pipeline.get("controls_from", "") or "")
+  if not src:
+    return None
+  path = pathlib.Path(src).absolute()
+  if path.resolve() == wd.resolve():
+    raise engine.ConfigError(f"pipeline.controls_from={src} is this pipeline's own --workdir; name another "
+                             "pipeline's workdir (whose baselines this one shares) or leave it empty.")
+  return path
+
+
+def shared_control_config(cfg, source: pathlib.Path, seed: int, arm: str):
+  """The config of control arm `arm` as pipeline `source` runs it: `cfg` with the source's pretext and pipeline
+  sections, checked equal, field by field, to the arm the source pipeline derives (one ConfigError naming the
+  differing fields). Raises FileNotFoundError while `source` holds no pipeline config yet."""
+  import ml_collections as mlc
+
+  from tpp_jax import config as config_lib
+  from tpp_jax.logging_utils import read_json
+  from tpp_jax.tree import flatten
+  saved = source / "config.json"
+  if not saved.exists():
+    raise FileNotFoundError(saved)
+  src_config = mlc.ConfigDict(config_lib.with_defaults(read_json(saved)))
+  if src_config.get("stage") != "pipeline":
+    raise engine.ConfigError(f"pipeline.controls_from={source} is a {src_config.get('stage')!r} run, not a pipeline "
+                             "workdir; name the --workdir of a stage=pipeline run.")
+  theirs = arm_configs(src_config, seed, source).get(arm)
+  if theirs is None:
+    raise engine.ConfigError(f"pipeline.controls_from={source} does not run arm {arm!r} (its pipeline.compute_matched"
+                             f" / brackets / label_fractions differ); set the same there, or leave it empty.")
+  ours = copy.deepcopy(cfg)
+  with ours.unlocked():
+    ours.pretext = copy.deepcopy(src_config.pretext)
+    ours.pipeline = copy.deepcopy(src_config.pipeline)
+  a, b = (flatten(json.loads(config_lib.to_json(c)), sep=".") for c in (ours, theirs))
+  diff = sorted(k for k in set(a) | set(b) if k not in _SHARE_MAY_DIFFER and a.get(k) != b.get(k))
+  if diff:
+    raise engine.ConfigError(f"pipeline.controls_from={source}: its arm {arm} differs from this pipeline's in fields "
+                             f"{diff}; shared arms may differ only in pretext.* and pipeline.*. Use the same values, "
+                             "or leave pipeline.controls_from empty to train this pipeline's own.")
+  return ours
+
+
+def _link(link: pathlib.Path, target: pathlib.Path):
+  """DIR/seed_S/NAME -> OTHER/seed_S/NAME (a relative symlink); a folder of this pipeline's own is never replaced."""
+  if link.is_symlink():
+    if link.resolve() == target.resolve():
+      return
+    link.unlink()
+  elif link.exists():
+    raise engine.ConfigError(f"{link} holds this pipeline's own run; pipeline.controls_from would hide it. Leave "
+                             "pipeline.controls_from empty for this workdir, or use a new --workdir.")
+  link.parent.mkdir(parents=True, exist_ok=True)
+  os.symlink(os.path.relpath(target, link.parent), link)
+
+
+def _busy(source: pathlib.Path) -> bool:
+  """Whether another process holds the lock of the existing folder `source`."""
+  if not source.is_dir():
+    return False
+  try:
+    with workdir_lib.lock(source):
+      return False
+  except workdir_lib.WorkdirBusy:
+    return True
+
+
+def _no_pipeline(source: pathlib.Path) -> Exception:
+  return engine.ConfigError(f"pipeline.controls_from={source} holds no pipeline (no config.json); run that pipeline "
+                            "first, or leave pipeline.controls_from empty.")
+
+
+def run_shared_control(cfg, wd: pathlib.Path, source: pathlib.Path, seed: int, arm: str, poll_s: float = 20.0) -> dict:
+  """Train (or find finished) control arm `arm` of seed `seed` in pipeline `source` and link it into `wd`."""
+  target = source / f"seed_{seed}" / arm
+  waited = False
+
+  def wait():
+    nonlocal waited
+    if not waited:
+      print(f"waiting for {source} (another process runs it) to finish seed_{seed}/{arm}", flush=True)
+      waited = True
+    time.sleep(poll_s)
+
+  while True:
+    if (signum := workdir_lib.stop_requested()) is not None:
+      raise engine.Interrupted(f"{signal.Signals(signum).name}: stopped while waiting for {target}; every finished "
+                               "arm is saved; rerun the same command to resume.", signum)
+    try:
+      shared = shared_control_config(cfg, source, seed, arm)
+    except FileNotFoundError:  # no pipeline there yet: one is starting up (it holds the lock), or none exists
+      if _busy(source):
+        wait()
+        continue
+      raise _no_pipeline(source) from None
+    workdir_lib.check_config(shared, target)
+    summary = workdir_lib.finished_summary(shared, target)
+    if summary is not None:
+      print(f"{target} holds this run, finished ({summary['steps']} steps); shared, not trained again.", flush=True)
+      break
+    try:  # not there yet: train it in the source pipeline, holding that pipeline's lock
+      with workdir_lib.lock(source):
+        summary = engine.train(shared, target)
+      break
+    except workdir_lib.WorkdirBusy:  # the source pipeline runs now: it trains this arm itself
+      wait()
+  if "stopped_at" not in summary:
+    _link(wd / f"seed_{seed}" / arm, target)
+  return summary
+
+
 def run(config, workdir) -> dict:
   wd = pathlib.Path(workdir).absolute()
   if config.peft.type == "none":
     raise engine.ConfigError("stage 'pipeline' compares TPP and plain PEFT: set peft.type (e.g. lora).")
   is_main = jax.process_index() == 0
+  source = controls_source(config, wd)
   with workdir_lib.lock(wd, enabled=is_main), workdir_lib.stop_signals():
     workdir_lib.check_config(config, wd)
+    if source is not None and not (source / "config.json").exists() and not _busy(source):
+      raise _no_pipeline(source)
     seeds = [int(config.seed) + i for i in range(int(config.seeds))]
     for seed in seeds:  # every arm that exists must accept its config before anything is written
       for arm, cfg in arm_configs(config, seed, wd).items():
-        if int(cfg.get("epochs", 0)) == 0:  # (epochs: the steps are known once the arm builds its data)
+        if int(cfg.get("epochs", 0)):  # (epochs: the steps are known once the arm builds its data)
+          continue
+        if source is None or not is_control(cfg):
           workdir_lib.check_config(cfg, wd / f"seed_{seed}" / arm)
+        elif (source / "config.json").exists():  # (a source still starting up is checked when its arm runs)
+          workdir_lib.check_config(shared_control_config(cfg, source, seed, arm), source / f"seed_{seed}" / arm)
     from tpp_jax import config as config_lib
     if is_main:
       (wd / "config.json").write_text(config_lib.to_json(config))
     summaries = {}
-    for seed in seeds:
-      for arm, cfg in arm_configs(config, seed, wd).items():
-        if (signum := workdir_lib.stop_requested()) is not None:
-          raise engine.Interrupted(f"{signal.Signals(signum).name}: stopped before seed {seed}: {arm}; every "
-                                   "finished arm is saved; rerun the same command to resume.", signum)
+    # this pipeline's own arms seed by seed, then the shared controls (by then the source has most of them)
+    todo = [(seed, arm, cfg) for seed in seeds for arm, cfg in arm_configs(config, seed, wd).items()]
+    shared = {(seed, arm) for seed, arm, cfg in todo if source is not None and is_control(cfg)}
+    for seed, arm, cfg in sorted(todo, key=lambda t: (t[:2] in shared)):  # (a stable sort: the order kept otherwise)
+      if (signum := workdir_lib.stop_requested()) is not None:
+        raise engine.Interrupted(f"{signal.Signals(signum).name}: stopped before seed {seed}: {arm}; every "
+                                 "finished arm is saved; rerun the same command to resume.", signum)
+      if (seed, arm) in shared:
+        print(f"== seed {seed}: {arm} (shared with {source}) ==", flush=True)
+        summaries[(seed, arm)] = run_shared_control(cfg, wd, source, seed, arm)
+      else:
         print(f"== seed {seed}: {arm} ==", flush=True)
         summaries[(seed, arm)] = engine.train(cfg, wd / f"seed_{seed}" / arm)
-        if "stopped_at" in summaries[(seed, arm)]:  # stop_after: the arm checkpointed; the rest waits for a rerun
-          print(f"Pipeline stopped in seed {seed}: {arm} (stop_after); rerun the same command to resume.")
-          return {"report": None, "stopped_at": f"seed_{seed}/{arm}"}
+      if "stopped_at" in summaries[(seed, arm)]:  # stop_after: the arm checkpointed; the rest waits for a rerun
+        print(f"Pipeline stopped in seed {seed}: {arm} (stop_after); rerun the same command to resume.")
+        return {"report": None, "stopped_at": f"seed_{seed}/{arm}"}
     if not all((wd / f).exists() for f in figure_files(config)):
       figures(config, wd, seeds[0])
     path = None

@@ -138,7 +138,8 @@ def collect(run_dirs: Iterable) -> list[dict]:
     if not d.exists():
       raise FileNotFoundError(f"{d} does not exist.")
     found = [d / "summary.json"] if (d / "summary.json").exists() else []
-    found += sorted(p for p in d.rglob("summary.json") if p.parent != d)
+    found += sorted(pathlib.Path(root) / "summary.json" for root, _, files in os.walk(d, followlinks=True)
+                    if "summary.json" in files and pathlib.Path(root) != d)  # (links: pipeline.controls_from)
     for s in found:
       run = s.parent.resolve()
       if run not in seen:

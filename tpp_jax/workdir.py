@@ -34,10 +34,12 @@ ConfigError = config_lib.ConfigError
 #   optim.lr        downward only (the way out of a run that stopped on NaN / Inf)
 #   seeds, pipeline.label_fractions, pipeline.compute_matched, pipeline.report
 #                   a pipeline's extra arms: each arm checks its own config, so a pipeline may grow
+#   pipeline.controls_from   where the shared control arms are (moved folders): each is checked there again
 #   the rest        when to log / evaluate / checkpoint, what to keep, how to show progress and feed the data
 RESUMABLE_FIELDS = ("steps", "stop_after", "eval_every", "checkpoint_every", "log_every", "progress",
                     "keep_checkpoints", "eval_splits", "eval_batch_size", "optim.lr", "data.cache", "data.prefetch",
-                    "seeds", "pipeline.label_fractions", "pipeline.compute_matched", "pipeline.report")
+                    "seeds", "pipeline.label_fractions", "pipeline.compute_matched", "pipeline.report",
+                    "pipeline.controls_from")
 LOCK_FILE = ".lock"
 
 
