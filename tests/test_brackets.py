@@ -43,6 +43,12 @@ def test_brackets_are_arms_once_per_label_fraction_and_off_by_default():
     assert a.optim.to_dict() == base.optim.to_dict() and a.data.to_dict() == base.data.to_dict()
   assert arms["linear"].train_extra == () and arms["full"].train_extra == ("^encoder/norm/",)  # the probe: head only
   assert not {"linear", "full"} & set(pipeline.arm_configs(load_config("default", "smoke"), 0, pathlib.Path("/wd")))
+  own = pipeline.arm_configs(load_config("default", "smoke,pipeline.brackets=True,optim.lr=6e-3,pipeline.full_lr=1e-3"),
+                             0, pathlib.Path("/wd"))  # the full fine-tune's own lr; every other arm keeps optim.lr
+  assert {a: c.optim.lr for a, c in own.items() if a != "tpp"} == {"tpp_finetune": 6e-3, "baseline": 6e-3,
+                                                                    "linear": 6e-3, "full": 1e-3}
+  with pytest.raises(config_lib.ConfigError, match="pipeline.full_lr=-1.0 must be >= 0"):
+    config_lib.validate(load_config("default", "pipeline.full_lr=-1.0"))
   with pytest.raises(config_lib.ConfigError, match="pipeline.brackets=1 has the wrong type"):
     load_config("default", "pipeline.brackets=1")
   saved = mlc.ConfigDict(config_lib.with_defaults({"stage": "pipeline", "pipeline": {"brackets": 1}}))

@@ -113,12 +113,14 @@ def base_config() -> mlc.ConfigDict:
   # compute_matched: add the arm baseline_matched, the baseline trained tpp_steps + steps steps.
   # brackets: add the arms linear (linear probe: task head only) and full (full fine-tune: backbone + head), same
   # backbone, data, steps, optimizer and seed as the baseline, once per labelled fraction.
+  # full_lr: the full fine-tune bracket's optim.lr (0 = the baseline's): a PEFT lr (a few new parameters) is often
+  # too high for the whole backbone.
   # controls_from: another pipeline's workdir whose control arms (those that start from no TPP arm: baseline,
   # baseline_matched, linear, full) this one shares instead of training its own copy; the two may differ only in
   # their pretext and pipeline.tpp_* fields (e.g. the DINO row of a table shares the MAE row's baselines).
   c.pipeline = mlc.ConfigDict(dict(tpp_steps=200, tpp_lr=1e-3, tpp_batch_size=64, report=True,
                                    label_fractions=(1.0,), compute_matched=False, brackets=False,
-                                   controls_from=""))
+                                   full_lr=0.0, controls_from=""))
   return c
 
 
@@ -259,6 +261,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   for f in ("compute_matched", "brackets"):
     if not isinstance(c.pipeline[f], bool):
       raise ConfigError(f"pipeline.{f}={c.pipeline[f]!r} must be True or False.")
+  if float(c.pipeline.full_lr) < 0:
+    raise ConfigError(f"pipeline.full_lr={c.pipeline.full_lr} must be >= 0 (0: the full fine-tune uses optim.lr).")
   if not 0.0 < float(c.optim.layer_decay) <= 1.0:
     raise ConfigError(f"optim.layer_decay={c.optim.layer_decay} must be in (0, 1] (e.g. 0.75; 1.0 = off).")
   if c.task.num_classes < 2:

@@ -55,6 +55,7 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
   An arm whose stage needs labels runs once per pipeline.label_fractions entry F, with data.label_fraction=F
   (F = 1: folder NAME, as without fractions; F < 1: frac_F/NAME); the others (the TPP arm) run once, on all
   training images. An arm with `only_if` runs when that field is true; `plus_steps` adds a field to its steps;
+  `lr` names a field with its own optim.lr (the `full` bracket: pipeline.full_lr; 0 keeps optim.lr);
   `overrides` sets fields of its config (the `linear` bracket clears train_extra).
   """
   def derive(**kw):
@@ -93,6 +94,8 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
         c.data.label_fraction = fraction if labelled[arm.name] else 1.0
         if arm.plus_steps:
           c.steps = int(c.steps) + int(_field(config, arm.plus_steps))
+        if arm.lr and float(_field(config, arm.lr)):
+          c.optim.lr = float(_field(config, arm.lr))
         for dotted, value in arm.overrides:
           *parents, leaf = dotted.split(".")
           node = c

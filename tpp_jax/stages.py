@@ -31,6 +31,7 @@ class Arm:
   plus_steps: str = ""  # dotted config field added to `steps` (compute-matched: 'pipeline.tpp_steps')
   only_if: str = ""     # dotted bool config field; the arm runs only when it is true
   overrides: tuple[tuple[str, object], ...] = ()  # (dotted field, value) pairs set in the arm's config
+  lr: str = ""          # dotted config field holding the arm's optim.lr (0 there: the pipeline's optim.lr)
 
 
 def fraction_dir(fraction: float) -> str:
@@ -116,7 +117,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                 # brackets: the same backbone, data, steps, optimizer and seed as `baseline`; the head alone (below)
                 # and everything (above). train_extra is cleared: the linear probe trains the task head only.
                 Arm("linear", "linear", only_if="pipeline.brackets", overrides=(("train_extra", ()),)),
-                Arm("full", "full", only_if="pipeline.brackets"))),
+                Arm("full", "full", only_if="pipeline.brackets", lr="pipeline.full_lr"))),
 )}
 
 
