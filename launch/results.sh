@@ -49,6 +49,9 @@ row() {
       run "configs/experiment.py:$PN,peft.type=lora,pretext.type=contrastive,$SHARED" "$OUT/pneumonia_lora_contrastive" ;;
     pneumonia_lora_dino)
       run "configs/experiment.py:$PN,peft.type=lora,$DINO,$SHARED" "$OUT/pneumonia_lora_dino" ;;
+    fractions)  # not in `all`: pneumonia_lora again, + its fine-tune arms on 5 % of the training labels (its TPP arms)
+      run "configs/experiment.py:$PN,peft.type=lora,pipeline.full_lr=1e-3,pipeline.label_fractions=(0.05,1.0)" \
+          "$OUT/pneumonia_lora" ;;
     probe)
       run "configs/experiment.py:demo,house,stage=linear,steps=300,optim.lr=1e-2" "$OUT/probe_house"
       run "configs/experiment.py:demo,house,stage=linear,steps=300,optim.lr=1e-2,init.path=''" "$OUT/probe_random" ;;

@@ -137,3 +137,19 @@ def test_a_busy_source_is_waited_for_then_its_arm_is_trained_there(runs, tmp_pat
   assert steps == int(c.steps) + int(c.pipeline.tpp_steps)
   assert (tmp_path / "dst" / "seed_0" / "baseline_matched").is_symlink()
   assert not workdir_lib.stop_requested()
+
+
+def test_an_arm_the_source_ran_before_a_rerun_left_it_out_is_still_shared(runs, tmp_path):
+  src, _, _ = runs
+  copy = tmp_path / "mae"
+  shutil.copytree(src, copy, symlinks=True)
+  saved = json.loads((copy / "config.json").read_text())
+  saved["pipeline"]["compute_matched"] = False  # e.g. a rerun that added label fractions without this arm
+  (copy / "config.json").write_text(json.dumps(saved))
+  cfg = pipeline.arm_configs(load_config("default", CONTRASTIVE), 0, tmp_path / "dst")["baseline_matched"]
+  shared = pipeline.shared_control_config(cfg, copy, 0, "baseline_matched")
+  assert shared.pretext.type == "mae" and int(shared.steps) == int(cfg.steps)
+  workdir_lib.check_config(shared, copy / "seed_0" / "baseline_matched")
+  shutil.rmtree(copy / "seed_0" / "baseline_matched")  # neither run nor asked for there: refused
+  with pytest.raises(config_lib.ConfigError, match="does not run arm 'baseline_matched'"):
+    pipeline.shared_control_config(cfg, copy, 0, "baseline_matched")

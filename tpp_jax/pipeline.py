@@ -145,6 +145,10 @@ def shared_control_config(cfg, source: pathlib.Path, seed: int, arm: str):
   if src_config.get("stage") != "pipeline":
     raise engine.ConfigError(f"pipeline.controls_from={source} is a {src_config.get('stage')!r} run, not a pipeline "
                              "workdir; name the --workdir of a stage=pipeline run.")
+  if arm not in arm_configs(src_config, seed, source) and (source / f"seed_{seed}" / arm / "config.json").exists():
+    with src_config.unlocked():  # an arm it ran before a rerun left it out (these fields only select the arms)
+      for f in ("compute_matched", "brackets", "label_fractions"):
+        src_config.pipeline[f] = copy.deepcopy(cfg.pipeline[f])
   theirs = arm_configs(src_config, seed, source).get(arm)
   if theirs is None:
     raise engine.ConfigError(f"pipeline.controls_from={source} does not run arm {arm!r} (its pipeline.compute_matched"

@@ -32,13 +32,15 @@ ConfigError = config_lib.ConfigError
 # Config fields a rerun may change and still resume the run in its workdir (the rest must be equal):
 #   steps           upward only (more training; fewer is refused: see check_config)
 #   optim.lr        downward only (the way out of a run that stopped on NaN / Inf)
-#   seeds, pipeline.label_fractions, pipeline.compute_matched, pipeline.report
-#                   a pipeline's extra arms: each arm checks its own config, so a pipeline may grow
+#   seeds, pipeline.label_fractions, pipeline.compute_matched, pipeline.brackets, pipeline.report
+#                   a pipeline's extra arms: each arm checks its own config, so a pipeline may grow (or a rerun may
+#                   leave some out: the finished ones stay in the report)
 #   pipeline.controls_from   where the shared control arms are (moved folders): each is checked there again
 #   the rest        when to log / evaluate / checkpoint, what to keep, how to show progress and feed the data
 RESUMABLE_FIELDS = ("steps", "stop_after", "eval_every", "checkpoint_every", "log_every", "progress",
                     "keep_checkpoints", "eval_splits", "eval_batch_size", "optim.lr", "data.cache", "data.prefetch",
-                    "seeds", "pipeline.label_fractions", "pipeline.compute_matched", "pipeline.report",
+                    "seeds", "pipeline.label_fractions", "pipeline.compute_matched", "pipeline.brackets",
+                    "pipeline.report",
                     "pipeline.controls_from")
 LOCK_FILE = ".lock"
 
