@@ -313,3 +313,37 @@ def test_results_lanes_run_every_row_once_on_their_own_cores(tmp_path):
   one = _results_dry_run(tmp_path, LANES="1")
   assert "taskset" not in one and len(one.strip().splitlines()) == len(rows)
   assert "seeds=5," in one and "seeds=3," in _results_dry_run(tmp_path, LANES="1", SEEDS="3")
+
+
+def test_results_rows_that_reuse_a_workdir_or_share_controls_fit_it(tmp_path):
+  """The `fractions` row resumes pneumonia_lora's workdir (only resumable fields differ), and the DINO / contrastive
+  rows' control arms are the ones pneumonia_lora runs (pipeline.controls_from accepts them)."""
+  from tpp_jax import config as config_lib
+  from tpp_jax import pipeline
+  from tpp_jax import workdir as workdir_lib
+
+  def configs(row: str) -> dict:
+    r = subprocess.run(["bash", str(LAUNCH / "results.sh"), str(tmp_path / "out"), row], capture_output=True,
+                       text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DRY_RUN": "1"}, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out = {}
+    for line in r.stdout.strip().splitlines():
+      args = shlex.split(line)
+      spec = args[args.index("--config") + 1]
+      out[args[args.index("--workdir") + 1]] = config_lib.load_config_file(str(ROOT / spec))
+    return out
+
+  (wd, lora), = configs("pneumonia_lora").items()
+  pathlib.Path(wd).mkdir(parents=True)
+  (pathlib.Path(wd) / "config.json").write_text(config_lib.to_json(lora))
+  (wd2, fractions), = configs("fractions").items()
+  assert wd2 == wd and tuple(fractions.pipeline.label_fractions) == (0.05, 1.0)
+  workdir_lib.check_config(fractions, wd)  # resumes pneumonia_lora: its TPP arms are reused
+  for row in ("pneumonia_lora_dino", "pneumonia_lora_contrastive"):
+    (_, shared), = configs(row).items()
+    assert shared.pipeline.controls_from == wd
+    arms = pipeline.arm_configs(shared, 0, tmp_path / row)
+    controls = [a for a, c in arms.items() if pipeline.is_control(c)]
+    assert controls == ["baseline", "baseline_matched"], controls
+    for arm in controls:
+      pipeline.shared_control_config(arms[arm], pathlib.Path(wd), 0, arm)  # raises if any other field differed
