@@ -74,7 +74,8 @@ def base_config() -> mlc.ConfigDict:
           crop_scale=(0.7, 1.0),     # random-resized-crop area fractions; None = plain resize
           crop_ratio=(3 / 4, 4 / 3),  # its aspect-ratio range
           hflip=True, vflip=False, rotate=0.0,  # rotate: max degrees
-          intensity=0.0)),           # brightness/contrast jitter strength in [0, 1)
+          intensity=0.0,             # brightness/contrast jitter strength in [0, 1)
+          on_device=False)),         # crop / flips / normalisation in the jitted train step (the host ships uint8)
       balance=False,             # class-balanced sampling of the training split
       tfds_name="", tfds_data_dir="",
       tfds_image_key="image", tfds_label_key="label", tfds_mask_key="mask",

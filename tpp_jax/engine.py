@@ -38,6 +38,7 @@ from tpp_jax import tree as tree_lib
 from tpp_jax import workdir as workdir_lib
 from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
+from tpp_jax.data import device_augment
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
 from tpp_jax.logging_utils import MetricsLogger, progress
@@ -251,7 +252,8 @@ def build(config, devices=None) -> Built:
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params), "aux": aux}
   sharding = state_shardings(state, mesh, bool(config.fsdp))
-  train_step, eval_step = compile_steps(objective, tx, schedule, mesh, sharding, labels)
+  train_step, eval_step = compile_steps(objective, tx, schedule, mesh, sharding, labels,
+                                        device_augment.make(config.data))
   return Built(config=config, stage=stage, mesh=mesh, encoder=encoder, objective=objective, init_fn=init_fn,
                params=params, aux=aux, labels=labels, counts=partition.param_counts(params, labels), tx=tx,
                schedule=schedule, state=state, state_sharding=sharding, train_step=train_step, eval_step=eval_step)
@@ -271,11 +273,15 @@ def split_trainable(params, labels) -> tuple[dict, dict]:
   return trainable, {k: v for k, v in flat.items() if lab[k] == "frozen"}
 
 
-def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels):
+AUGMENT_STREAM = 0x61756721  # fold_in constant of the step key's stream for data.augment.on_device
+
+
+def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels, augment=None):
   """The jitted (train_step, eval_step) of an objective and optimizer over `mesh` (traced at the first call).
 
   The train step differentiates the trainable leaves only (frozen ones are closed over), so no gradient of a frozen
-  backbone weight is ever computed, as with requires_grad=False in PyTorch.
+  backbone weight is ever computed, as with requires_grad=False in PyTorch. `augment` (data.device_augment.make):
+  fn(batch, key) applied to each training batch first, with a key of the step's own.
   """
   repl = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
@@ -283,6 +289,8 @@ def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels):
   def train_step(state, batch, base_rng):
     step = state["step"]
     rng = jax.random.fold_in(base_rng, step)
+    if augment is not None:
+      batch = augment(batch, jax.random.fold_in(rng, AUGMENT_STREAM))
     trainable, frozen = split_trainable(state["params"], labels)
     def loss_fn(trainable):
       return obj.loss(tree_lib.unflatten({**frozen, **trainable}), state["aux"], batch, rng, True)
@@ -345,7 +353,12 @@ def build_data(config, objective, sources: dict | None = None) -> tuple[dict, An
   if objective.needs_labels and config.data.source == "jpeg_npz":
     raise ConfigError("data.source='jpeg_npz' has no labels; use it for stage 'pretrain' or 'tpp'.")
   train_fn = data_transforms.make_transform(config.data, train=True)
-  train_fn = objective.make_views(train_fn, config.data)
+  views_fn = objective.make_views(train_fn, config.data)
+  if views_fn is not train_fn and train_fn.augment.on_device:
+    raise ConfigError(f"data.augment.on_device=True augments one view per image in the train step; "
+                      f"pretext.type={config.pretext.type!r} draws several views on the host. Use "
+                      "data.augment.on_device=False with it.")
+  train_fn = views_fn
   eval_fn = data_transforms.make_transform(config.data, train=False)
   if config.task.class_weights and hasattr(objective, "class_weights"):
     objective.class_weights = np.asarray(data_pipeline.class_weights(sources["train"]), np.float32)

@@ -56,6 +56,7 @@ class Augment:
   vflip: bool = False
   rotate: float = 0.0
   intensity: float = 0.0
+  on_device: bool = False  # crop / flips / normalisation in the train step (tpp_jax.data.device_augment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +179,20 @@ def resolve(data_cfg: Any) -> DataConfig:
     raise ValueError("data.augment.rotate must be >= 0 degrees and "
                      "data.augment.intensity in [0, 1); got "
                      f"{rotate}, {intensity}.")
+  on_device = get("augment.on_device")
+  if not isinstance(on_device, bool):
+    raise ValueError(f"data.augment.on_device={on_device!r} must be True or "
+                     "False.")
+  if on_device and (rotate or intensity):
+    raise ValueError(
+        "data.augment.on_device=True does the crop, flips and normalisation "
+        "in the train step, not rotation or intensity jitter: set "
+        "data.augment.rotate=0 and data.augment.intensity=0, or "
+        "data.augment.on_device=False.")
   augment = Augment(crop_scale=crop_scale, crop_ratio=crop_ratio,
                     hflip=bool(get("augment.hflip")),
                     vflip=bool(get("augment.vflip")),
-                    rotate=rotate, intensity=intensity)
+                    rotate=rotate, intensity=intensity, on_device=on_device)
   prefetch = int(get("prefetch"))
   if prefetch < 0:
     raise ValueError(f"data.prefetch={prefetch} must be >= 0 (batches read "

@@ -254,6 +254,16 @@ class RecordTransform:
       raise ValueError("the training transform needs an np.random.Generator.")
     image = record["image"]
     box, flip_h, flip_v, angle = None, False, False, None
+    if train and aug.on_device:  # resize only, uint8 out: device_augment does the rest in the train step
+      out = {k: v for k, v in record.items() if k not in ("image", "mask", "label")}
+      out["image"] = np.ascontiguousarray(to_channels(
+          _geometry(image, self.image_size, None, False, False, None, Image.BILINEAR), self.channels))
+      if "mask" in record:
+        out["mask"] = np.ascontiguousarray(_geometry(
+            record["mask"], self.image_size, None, False, False, None, Image.NEAREST), dtype=np.int32)
+      if "label" in record:
+        out["label"] = np.int32(record["label"])
+      return out
     if train:
       if aug.crop_scale is not None:
         h, w = image.shape[:2]
