@@ -45,6 +45,7 @@ timeout --signal=KILL "$TRAIN_SECONDS" $PY -m tpp_jax.main --config configs/hous
   --config.batch_size="$BATCH" --config.eval_batch_size=200 --config.steps="$STEPS" \
   --config.optim.warmup_steps="$WARMUP" --config.eval_every="$EVAL_EVERY" \
   --config.checkpoint_every="$EVAL_EVERY" --config.keep_checkpoints=1 --config.log_every=100 \
+  --config.data.augment.on_device="${ON_DEVICE:-False}" \
   --config.progress=False 2>&1 | grep -v "^WARNING\|absl" | tail -40
 echo "house_gpu: training exited after $(( $(date +%s) - start )) s"
 [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null
