@@ -195,8 +195,8 @@ def test_launch_files_name_configs():
                          ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None)
 def test_config_files_and_presets_exist(where, name, arg):
   assert (CONFIGS / f"{name}.py").is_file(), f"{where}: configs/{name}.py does not exist"
-  # exactly how tpp_jax.config.apply_arg splits the ARG: on every comma
-  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+  from tpp_jax.config import split_arg  # exactly how tpp_jax.config.apply_arg splits the ARG
+  for token in filter(None, (t.strip() for t in split_arg(arg or ""))):
     assert token in PRESETS or KEY_VALUE_RE.match(token), (
         f"{where}: configs/{name}.py ARG token {token!r} is neither a preset of configs/presets.py "
         f"({sorted(PRESETS)}) nor key=value")
