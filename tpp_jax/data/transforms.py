@@ -254,17 +254,8 @@ class RecordTransform:
       raise ValueError("the training transform needs an np.random.Generator.")
     image = record["image"]
     box, flip_h, flip_v, angle = None, False, False, None
-    if train and aug.on_device:  # resize only, uint8 out: device_augment does the rest in the train step
-      out = {k: v for k, v in record.items() if k not in ("image", "mask", "label")}
-      out["image"] = np.ascontiguousarray(to_channels(
-          _geometry(image, self.image_size, None, False, False, None, Image.BILINEAR), self.channels))
-      if "mask" in record:
-        out["mask"] = np.ascontiguousarray(_geometry(
-            record["mask"], self.image_size, None, False, False, None, Image.NEAREST), dtype=np.int32)
-      if "label" in record:
-        out["label"] = np.int32(record["label"])
-      return out
-    if train:
+    on_device = train and aug.on_device  # resize only, uint8 out: device_augment does the rest in the train step
+    if train and not on_device:
       if aug.crop_scale is not None:
         h, w = image.shape[:2]
         box = crop_box(rng, h, w, aug.crop_scale, aug.crop_ratio)
@@ -279,7 +270,7 @@ class RecordTransform:
       image = intensity_jitter(image, rng, aug.intensity)
     out = {k: v for k, v in record.items()
            if k not in ("image", "mask", "label")}  # extra keys, e.g. 'valid'
-    out["image"] = self._normalize(image)
+    out["image"] = np.ascontiguousarray(image) if on_device else self._normalize(image)
     if "mask" in record:
       mask = _geometry(record["mask"], size, box, flip_h, flip_v, angle,
                        Image.NEAREST)
