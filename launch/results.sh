@@ -2,12 +2,14 @@
 # The README's results tables: TPP vs plain PEFT with the house backbone, 5 seeds each (paired t-tests in each
 # report.md and in `python launch/results_table.py OUT`), chest X-ray classification and Kvasir-SEG segmentation
 # (../shared/data), LoRA and Houlsby adapters, MAE / contrastive / DINO as the TPP pretext.
-# Fine-tunes: 300 steps at lr 6e-3 (chest X-rays; chosen on seed 0's validation AUC among 1e-3, 3e-3, 6e-3: the
-# validation AUC levels off by step 150-200), checkpoint selected by validation AUC / Dice every 50 steps, both
-# reported. TPP: 200 steps (batch 64; DINO / contrastive, which encode 6 / 2 views of each image: batch 32).
-# The LoRA MAE pipeline also runs the controls: a compute-matched baseline (pipeline.compute_matched: 200 + 300
-# steps) and the brackets (pipeline.brackets: linear probe, full fine-tune at pipeline.full_lr=1e-3). The DINO and
-# contrastive pipelines share those control arms (pipeline.controls_from: links, checked equal, not trained again).
+# Fine-tunes: 200 steps at lr 6e-3 (chest X-rays; the lr chosen on seed 0's validation AUC among 1e-3, 3e-3, 6e-3 with
+# 300 steps, where the validation AUC levelled off by step 150-200: README "Fixed budgets"), checkpoint selected by
+# validation AUC / Dice every 50 steps, both reported. TPP: 200 steps (batch 64; DINO / contrastive, which encode
+# 6 / 2 views of each image: batch 32). The LoRA MAE pipeline also runs the controls: a compute-matched baseline
+# (pipeline.compute_matched: 200 + 200 steps) and the brackets (pipeline.brackets: linear probe, full fine-tune at
+# pipeline.full_lr=1e-3); the `fractions` row then adds its two fine-tune arms on 5 % of the training labels
+# (pipeline.label_fractions). The DINO and contrastive pipelines share its control arms (pipeline.controls_from:
+# links, checked equal, not trained again).
 # Usage: [SEEDS=5] [LANES=2] bash launch/results.sh [OUT=runs/results] [ROW|all]   (reruns resume)
 # A rerun with more SEEDS adds seeds to every finished pipeline (seeds 0..SEEDS-1) and keeps the ones it has.
 # LANES=2 (the default where there are >= 2 cores) runs the rows in two lanes at once, each pinned to half of the
@@ -30,7 +32,7 @@ run() {
   local cmd=(python -m tpp_jax.main --config "$1" --workdir "$2" --config.progress=False)
   if [ "${DRY_RUN:-0}" = 1 ]; then echo "${PIN:+$PIN }${cmd[*]}"; else $PIN "${cmd[@]}"; fi
 }
-PN="pneumonia,house,stage=pipeline,seeds=$SEEDS,steps=300,pipeline.tpp_steps=200,batch_size=32,eval_every=50"
+PN="pneumonia,house,stage=pipeline,seeds=$SEEDS,steps=200,pipeline.tpp_steps=200,batch_size=32,eval_every=50"
 PN="$PN,data.augment.hflip=False,best_metric=auc,optim.lr=6e-3"
 KV="kvasir,house,stage=pipeline,seeds=$SEEDS,steps=300,pipeline.tpp_steps=200,batch_size=16,pipeline.tpp_batch_size=32"
 KV="$KV,eval_every=50,optim.lr=3e-3,task.seg_decoder_dim=64"
@@ -49,7 +51,8 @@ row() {
       run "configs/experiment.py:$PN,peft.type=lora,pretext.type=contrastive,$SHARED" "$OUT/pneumonia_lora_contrastive" ;;
     pneumonia_lora_dino)
       run "configs/experiment.py:$PN,peft.type=lora,$DINO,$SHARED" "$OUT/pneumonia_lora_dino" ;;
-    fractions)  # not in `all`: pneumonia_lora again, + its fine-tune arms on 5 % of the training labels (its TPP arms)
+    fractions)  # pneumonia_lora again, + its fine-tune arms on 5 % of the training labels (its TPP arms; no matched
+      # arm, no brackets at 5 %): a rerun of the same workdir, right after pneumonia_lora in lane 0
       run "configs/experiment.py:$PN,peft.type=lora,pipeline.full_lr=1e-3,pipeline.label_fractions=(0.05,1.0)" \
           "$OUT/pneumonia_lora" ;;
     probe)
@@ -58,9 +61,11 @@ row() {
     *) echo "unknown row '$1' (rows: ${LANE_ROWS[*]})" >&2; exit 2 ;;
   esac
 }
-# two lanes of about the same length (per seed on one core: LoRA MAE row with its controls ~12 min, DINO ~7,
-# adapter ~5.5, contrastive ~4.5, Kvasir ~4); the rows sharing pneumonia_lora's controls come last in lane 1
-LANE_ROWS=("pneumonia_lora kvasir_lora probe" "pneumonia_adapter pneumonia_lora_dino pneumonia_lora_contrastive")
+# two lanes of about the same length (core-minutes with 5 seeds, estimated from the 300-step run: the LoRA MAE row
+# with its controls ~45, its 5 % label arms ~14, Kvasir ~19 | adapter ~20, DINO ~29, contrastive ~19, probe ~2);
+# the rows sharing pneumonia_lora's controls come after the adapter row in lane 1 (a shared arm lane 0 has not
+# trained yet is waited for)
+LANE_ROWS=("pneumonia_lora fractions kvasir_lora" "pneumonia_adapter pneumonia_lora_dino pneumonia_lora_contrastive probe")
 lane() {  # lane I: its rows in order, pinned to its share of the cores
   if [ "$LANES" -gt 1 ] && command -v taskset > /dev/null; then
     local per=$(( CORES / 2 ))

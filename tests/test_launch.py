@@ -298,16 +298,21 @@ def _results_dry_run(tmp_path, **env) -> str:
 
 
 def test_results_lanes_run_every_row_once_on_their_own_cores(tmp_path):
-  """launch/results.sh: LANES=2 splits the rows in two pinned lanes (disjoint cores), LANES=1 runs them in one."""
+  """launch/results.sh: LANES=2 splits the rows in two pinned lanes (disjoint cores), LANES=1 runs them in one;
+  the `fractions` rerun of pneumonia_lora comes right after it, in the same lane."""
   if not shutil.which("taskset"):
     pytest.skip("taskset (util-linux) is not installed")
   two = _results_dry_run(tmp_path, LANES="2")
   lanes = [chunk.strip().splitlines() for chunk in re.split(r"^lane \d:$", two, flags=re.M)[1:]]
   assert len(lanes) == 2
   workdirs = [re.search(r"--workdir (\S+)", line).group(1) for lane in lanes for line in lane]
-  rows = {"pneumonia_lora", "kvasir_lora", "pneumonia_adapter", "pneumonia_lora_contrastive", "pneumonia_lora_dino",
-          "probe_house", "probe_random"}
+  rows = ["pneumonia_lora", "pneumonia_lora", "kvasir_lora", "pneumonia_adapter", "pneumonia_lora_contrastive",
+          "pneumonia_lora_dino", "probe_house", "probe_random"]  # pneumonia_lora twice: its run, then `fractions`
   assert sorted(pathlib.Path(w).name for w in workdirs) == sorted(rows)
+  lane_of = [[pathlib.Path(re.search(r"--workdir (\S+)", line).group(1)).name for line in lane] for lane in lanes]
+  first = next(names for names in lane_of if "pneumonia_lora" in names)
+  at = first.index("pneumonia_lora")
+  assert first[at + 1] == "pneumonia_lora" and "label_fractions=(0.05,1.0)" in two, first
   pins = [{re.match(r"taskset -c (\S+) ", line).group(1) for line in lane} for lane in lanes]
   assert all(len(p) == 1 for p in pins) and pins[0] != pins[1], pins
   one = _results_dry_run(tmp_path, LANES="1")
