@@ -59,6 +59,8 @@ if ROOT not in sys.path:
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tpp_jax import engine, partition
 from tpp_jax import tree as tree_lib
@@ -233,9 +235,10 @@ class JaxStep:
   off CPU; the frozen tree is an argument, not a constant baked into the executable.
   """
 
-  def __init__(self, init_fn, loss_fn, rules):
-    """init_fn() -> (params, batch): full-size concrete arrays (only traced here)."""
-    self.init_fn = init_fn
+  def __init__(self, init_fn, loss_fn, rules, mesh=None):
+    """init_fn() -> (params, batch): full-size concrete arrays (only traced here). mesh: a 1-D 'data' mesh to split
+    the batch over (params and optimizer state replicated, as the engine does), or None for one device."""
+    self.init_fn, self.shardings = init_fn, None
     shapes, _ = jax.eval_shape(init_fn)
     labels = partition.label_tree(shapes, rules)
     train_labels, _ = split_trainable(labels, labels)
@@ -247,7 +250,14 @@ class JaxStep:
       return optax.apply_updates(trainable, updates), opt, loss
 
     donate = (0, 1) if jax.default_backend() != "cpu" else ()
-    self.compiled = tpp_jit(step, donate_argnums=donate).lower(*jax.eval_shape(self.state)).compile()
+    state_shapes = jax.eval_shape(self.state)
+    kwargs = {}
+    if mesh is not None:
+      rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+      per_batch = lambda x: rep if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else data
+      self.shardings = (rep, rep, rep, jax.tree_util.tree_map(per_batch, state_shapes[3]))
+      kwargs = dict(in_shardings=self.shardings, out_shardings=(rep, rep, rep))
+    self.compiled = tpp_jit(step, donate_argnums=donate, **kwargs).lower(*state_shapes).compile()
     self.flops = xla_flops(self.compiled)
 
   def state(self):
@@ -257,7 +267,10 @@ class JaxStep:
 
   def start(self, peak_seen: list[float]) -> Step:
     """peak_seen: [the process's device peak so far] (jax cannot reset its peak counter), updated here."""
-    trainable, opt, frozen, batch = jax.block_until_ready(self.state())
+    state = self.state()
+    if self.shardings is not None:
+      state = tuple(jax.device_put(x, sh) for x, sh in zip(state, self.shardings))
+    trainable, opt, frozen, batch = jax.block_until_ready(state)
     st = {"t": trainable, "o": opt, "loss": None}
 
     def run():
@@ -286,7 +299,7 @@ def images(s: Setup, batch: int):
   return jax.random.normal(jax.random.key(0), (batch, s.vit.image_size, s.vit.image_size, s.vit.channels))
 
 
-def jax_finetune(s: Setup) -> JaxStep:
+def jax_finetune(s: Setup, mesh=None) -> JaxStep:
   enc, head = ViT(s.vit, LORA), ClassifierHead(NUM_CLASSES)
 
   def init_fn():
@@ -300,10 +313,10 @@ def jax_finetune(s: Setup) -> JaxStep:
     logits = head.apply({"params": params["head"]}, tokens[:, 1:].mean(axis=1))  # as the torch row
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  return JaxStep(init_fn, loss_fn, partition.default_rules("finetune", "lora"))
+  return JaxStep(init_fn, loss_fn, partition.default_rules("finetune", "lora"), mesh)
 
 
-def jax_tpp(s: Setup) -> JaxStep:
+def jax_tpp(s: Setup, mesh=None) -> JaxStep:
   enc, dec = ViT(s.vit, LORA), MAEDecoder(s.dec, s.vit)
   n = s.vit.num_patches
 
@@ -321,7 +334,7 @@ def jax_tpp(s: Setup) -> JaxStep:
     return mae_loss(pred, x, mask, s.vit.patch, True)
 
   # the tpp stage: LoRA + decoder trained, encoder and the fixed sin-cos decoder position embedding frozen
-  return JaxStep(init_fn, loss_fn, partition.default_rules("tpp", "lora", fixed_pos_emb=True))
+  return JaxStep(init_fn, loss_fn, partition.default_rules("tpp", "lora", fixed_pos_emb=True), mesh)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -507,7 +520,14 @@ def parse_args(argv=None):
   ap.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
   ap.add_argument("--threads", type=int, help="torch.set_num_threads(N) (XLA:CPU always uses every core)")
   ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: built-in table)")
+  ap.add_argument("--cpu-devices", type=int, default=0,
+                  help="CPU only: run the tpp_jax rows on N CPU devices, the batch split over them as the engine "
+                       "does with TPP_CPU_DEVICES=N (XLA:CPU runs element-wise ops on one thread per device)")
   a = ap.parse_args(argv)
+  if a.cpu_devices > 1:  # before anything starts JAX's backends
+    jax.config.update("jax_num_cpu_devices", a.cpu_devices)
+    if jax.default_backend() != "cpu":
+      ap.error("--cpu-devices is for a CPU run (JAX sees an accelerator)")
   a.size = a.size or ("small" if jax.default_backend() == "cpu" else "full")
   return a
 
@@ -534,7 +554,8 @@ def main(argv=None):
   if mods:
     torch_info = (f"torch {mods[0].__version__} on {device or 'no matching device (no torch rows)'}, "
                   f"transformers {mods[1].__version__}, peft {mods[2].__version__}")
-  print(f"jax {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({dev.platform}; timed on one) | "
+  print(f"jax {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({dev.platform}; "
+        f"{'the batch split over all' if a.cpu_devices > 1 else 'timed on one'}) | "
         f"{torch_info} | threads: XLA:CPU {cores} (all cores), torch {mods[0].get_num_threads() if mods else '–'} | "
         f"load average {load_average()}")
   print(f"{s.name}, batch {s.batch}, {dtype}; MAE decoder {s.dec.width} wide x {s.dec.depth} deep; LoRA r={LORA.rank} "
@@ -542,7 +563,12 @@ def main(argv=None):
         f"{a.warmup} warm-up")
 
   # tpp_jax steps are compiled from shapes first, for XLA's FLOP counts
-  jax_steps = {"finetune": jax_finetune(s), "mae": jax_tpp(s)}
+  mesh = None
+  if a.cpu_devices > 1:
+    if s.batch % jax.device_count():
+      sys.exit(f"--batch {s.batch} must be a multiple of --cpu-devices {jax.device_count()}")
+    mesh = Mesh(jax.devices(), ("data",))
+  jax_steps = {"finetune": jax_finetune(s, mesh), "mae": jax_tpp(s, mesh)}
   flops = {"finetune": finetune_step_flops(s.vit), "mae": tpp_step_flops(s)}
   xla = {k: (st.flops / s.batch if st.flops else None) for k, st in jax_steps.items()}
   g = lambda f: "n/a" if f is None else f"{f / 1e9:.3f}"

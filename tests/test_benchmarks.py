@@ -53,6 +53,21 @@ def test_step_speed_table_and_flops():
   assert abs(xla / m.vit_forward_flops(tiny) - 1) < 0.05, (xla, m.vit_forward_flops(tiny))
 
 
+def test_step_speed_cpu_devices_splits_the_batch_over_them():
+  """--cpu-devices 2: the tpp_jax rows run data-parallel on two CPU devices (as TPP_CPU_DEVICES=2 in the engine)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--repeats", "1", "--warmup", "1",
+                      "--no-torch", "--cpu-devices", "2"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  assert "on 2 x cpu (cpu; the batch split over all)" in r.stdout, r.stdout[:500]
+  rows = [l for l in r.stdout.splitlines() if l.startswith("| ") and "tpp_jax" in l]
+  assert len(rows) == 2 and all(float(l.split("|")[2]) > 0 for l in rows), r.stdout
+  r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--no-torch", "--cpu-devices", "3"], cwd=ROOT,
+                     env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "must be a multiple of --cpu-devices 3" in r.stderr, r.stderr[-1000:]
+
+
 def test_step_profile_groups_the_traced_ops_through_its_cli():
   """benchmarks/step_profile.py: every group row, shares summing to ~100 %, and some matmul and attention time."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}

@@ -242,7 +242,9 @@ def build(config, devices=None) -> Built:
   n_dev = mesh.devices.size
   for f in ("batch_size", "eval_batch_size"):
     if int(config[f]) % n_dev:
-      raise ConfigError(f"{f}={config[f]} must be a multiple of the device count ({n_dev}).")
+      hint = " (on CPU, TPP_CPU_DEVICES sets that count; unset it for one device)" if os.environ.get(
+          "TPP_CPU_DEVICES") else ""
+      raise ConfigError(f"{f}={config[f]} must be a multiple of the device count ({n_dev}){hint}.")
   encoder, objective = build_model(config)
   init_fn = param_init_fn(encoder, objective, dummy_batch(config))
   params, aux = jax.eval_shape(init_fn, jax.random.key(0))

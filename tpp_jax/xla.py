@@ -35,3 +35,53 @@ def jit(fn, **kwargs):
   if options:
     kwargs.setdefault("compiler_options", options)
   return jax.jit(fn, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU devices: TPP_CPU_DEVICES=N|auto
+# ------------------------------------------------------------------------------------------------------------------
+# XLA:CPU runs a step's element-wise fusions (GELU, LayerNorm, softmax, the optimizer update) on one thread; only the
+# large dots use the other cores. With the cores exposed as N CPU devices, the engine's data-parallel mesh splits
+# each batch over them and every op of the step runs N-wide (the same program: the loss is the global batch's
+# mean). On a 2-core CPU this trains the demo's LoRA fine-tune step ~13 % faster (README "Performance").
+
+CPU_DEVICES_ENV = "TPP_CPU_DEVICES"
+_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its affinity mask, e.g. under taskset), else os.cpu_count()."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS / Windows
+    return os.cpu_count() or 1
+
+
+def cpu_device_count(setting: str, cores: int, batch_sizes=()) -> int:
+  """The count TPP_CPU_DEVICES=`setting` asks for: N (a positive integer), or for 'auto' the largest count <= cores
+  that divides every batch size (so 'auto' never makes a batch indivisible)."""
+  setting = setting.strip().lower()
+  if setting == "auto":
+    sizes = [int(b) for b in batch_sizes if int(b) > 0]
+    return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in sizes))
+  try:
+    n = int(setting)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise ValueError(f"{CPU_DEVICES_ENV}={setting!r}: use a positive integer (the CPU device count) or 'auto' (one "
+                     "device per usable core that divides the batch sizes); unset it for one CPU device.")
+  return n
+
+
+def use_cpu_devices(batch_sizes=(), environ=None) -> int | None:
+  """Apply TPP_CPU_DEVICES before JAX starts its backends; returns the count set, or None where nothing is set
+  (the variable unset / empty, or XLA_FLAGS already fixing --xla_force_host_platform_device_count). The count
+  concerns the CPU platform only: on a GPU / TPU host JAX's default devices are the accelerators, unchanged."""
+  environ = os.environ if environ is None else environ
+  setting = environ.get(CPU_DEVICES_ENV, "").strip()
+  if not setting or _COUNT_FLAG in environ.get("XLA_FLAGS", ""):
+    return None
+  n = cpu_device_count(setting, usable_cores(), batch_sizes)
+  jax.config.update("jax_num_cpu_devices", n)
+  return n
