@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # "" = no YNNPACK fusions
 # With several CPU devices each runs its own ops on its own thread; Eigen's intra-op pool on top of that only makes
-# them contend (demo LoRA fine-tune step on 2 devices, 2 cores: 354 -> 329 ms)
+# them contend (demo LoRA fine-tune step, 2 devices on 2 cores, `step_speed.py --small`: 345-355 ms with it,
+# 318-329 ms without)
 CPU_MULTI_DEVICE_OPTIONS = {"xla_cpu_multi_thread_eigen": False}
 
 
@@ -50,7 +51,7 @@ def jit(fn, **kwargs):
 # XLA:CPU runs a step's element-wise fusions (GELU, LayerNorm, softmax, the optimizer update) on one thread; only the
 # large dots use the other cores. With the cores exposed as N CPU devices, the engine's data-parallel mesh splits
 # each batch over them and every op of the step runs N-wide (the same program: the loss is the global batch's
-# mean). On a 2-core CPU this trains the demo's LoRA fine-tune step ~13 % faster (README "Performance").
+# mean). On a 2-core CPU the demo's LoRA fine-tune through the CLI trains 1.15x the images/s (README "Performance").
 
 CPU_DEVICES_ENV = "TPP_CPU_DEVICES"
 _COUNT_FLAG = "xla_force_host_platform_device_count"
