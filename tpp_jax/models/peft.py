@@ -26,6 +26,7 @@ import numpy as np
 
 from tpp_jax.models.activations import gelu
 from tpp_jax.models.linear import Dense, token_matmul
+from tpp_jax.models.norm import layer_norm
 
 PEFT_TYPES = ("none", "lora", "dora", "adapter", "adaptformer", "vpt", "ssf", "bitfit")
 LORA_SITES = ("q", "k", "v", "o", "fc1", "fc2")
@@ -131,7 +132,7 @@ class PeftDense(nn.Module):
 
 
 class Norm(nn.Module):
-  """LayerNorm (params `scale`, `bias`) with optional SSF scale/shift after it."""
+  """LayerNorm (params `scale`, `bias`; norm.layer_norm, in fp32) with optional SSF scale/shift after it."""
   eps: float = 1e-6
   peft: PeftConfig = PeftConfig()
   dtype: Any = jnp.float32
@@ -141,10 +142,7 @@ class Norm(nn.Module):
     d = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    y = layer_norm(x.astype(jnp.float32), scale, bias, self.eps)  # fp32 statistics, whatever the compute dtype
     if self.peft.type == "ssf":
       y = y * self.param("ssf_scale", nn.initializers.ones, (d,)) + self.param("ssf_shift", nn.initializers.zeros, (d,))
     return y.astype(self.dtype)
