@@ -7,7 +7,7 @@ passes between them, which XLA:CPU runs as separate loops over the activations. 
   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * scale,  xhat = (x - mean) * rstd
 (two reductions of one pass each), dscale = sum(dy * xhat), dbias = sum(dy) over the leading dims, from xhat and rstd
 kept by the forward pass. On the demo ViT-Ti6/8 (64 px, batch 64, 2 CPU devices), the LoRA fine-tune step went from
-346-359 ms to 297-320 ms (`benchmarks/step_speed.py`, README "Performance"). Reverse mode only: jax.jvp of it raises.
+346-359 ms to 296-327 ms (`benchmarks/step_speed.py`, README "Performance"). Reverse mode only: jax.jvp of it raises.
 """
 from __future__ import annotations
 
