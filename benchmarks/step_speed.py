@@ -32,6 +32,9 @@ default is the core count too, so on a 2-core machine both use 2). On a shared C
 other processes on the cores, torch's OpenMP steps slow down several-fold (the header prints the load average; on a
 busy machine --threads 1 gives torch steadier numbers).
 
+Like `python -m tpp_jax.main`, the script re-executes itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux,
+glibc >= 2.35; tpp_jax/hugepages.py), so both frameworks' rows run with it; TPP_HUGEPAGES=0 runs without.
+
 When PyTorch is importable the last line is
   ratio tpp_jax/pytorch: finetune X.XXx, mae X.XXx
 (tpp_jax images/s / transformers+peft eager images/s, same shapes).
@@ -55,6 +58,11 @@ from typing import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from tpp_jax import hugepages  # noqa: E402 - imports nothing heavy
+
+if __name__ == "__main__":  # as the CLI runs: huge pages for XLA:CPU's per-step buffers, torch rows included
+  hugepages.reexec_with_hugepages()
 
 import jax
 import jax.numpy as jnp
@@ -557,7 +565,8 @@ def main(argv=None):
   print(f"jax {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({dev.platform}; "
         f"{'the batch split over all' if a.cpu_devices > 1 else 'timed on one'}) | "
         f"{torch_info} | threads: XLA:CPU {cores} (all cores), torch {mods[0].get_num_threads() if mods else '–'} | "
-        f"load average {load_average()}")
+        f"load average {load_average()} | glibc huge pages {'on' if hugepages.active() else 'off'} "
+        f"(tpp_jax/hugepages.py; TPP_HUGEPAGES=0 for off)")
   print(f"{s.name}, batch {s.batch}, {dtype}; MAE decoder {s.dec.width} wide x {s.dec.depth} deep; LoRA r={LORA.rank} "
         f"alpha={LORA.alpha:g} on q,v; {NUM_CLASSES} classes; median of {a.repeats} x {a.steps} steps after "
         f"{a.warmup} warm-up")

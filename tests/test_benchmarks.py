@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from tpp_jax import hugepages
+
 from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "step_speed.py"
@@ -24,13 +26,16 @@ def torch_peers() -> bool:
 
 
 def test_step_speed_table_and_flops():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a plain run
+  drop = ("XLA_FLAGS", "GLIBC_TUNABLES", "TPP_HUGEPAGES_REEXEC")
+  env = {k: v for k, v in os.environ.items() if k not in drop}  # one CPU device, as a plain run
   r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--repeats", "1", "--warmup", "1",
                       "--no-compile"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
                      text=True, timeout=300)
   out = r.stdout
   assert r.returncode == 0, (out + r.stderr)[-3000:]
   rows = {l.split("|")[1].strip(): l for l in out.splitlines() if l.startswith("| ")}
+  supported = hugepages.tunables_with_hugepages({}) is not None  # re-executed with them, as the CLI
+  assert f"glibc huge pages {'on' if supported else 'off'}" in out.splitlines()[0], out[:500]
   for name in ("LoRA fine-tune, tpp_jax", "TPP MAE+LoRA, tpp_jax"):
     assert name in rows, out
     ms = rows[name].split("|")[2].strip()

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpp_jax import config as config_lib
-from tpp_jax import partition, xla
+from tpp_jax import hugepages, partition, xla
 from tpp_jax import stages as stages_lib
 from tpp_jax import tree as tree_lib
 from tpp_jax import workdir as workdir_lib
@@ -528,6 +528,7 @@ class Trainer:
         "images_per_sec": images_per_sec, "wall_time_s": time.time() - t_start,
         "data": {"train_examples": len(self.sources["train"])},  # after max_train_examples / label_fraction
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+        "host_hugepages": hugepages.active(),  # GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (tpp_jax/hugepages.py)
     }
     if is_main:
       tmp = wd / "summary.json.tmp"  # written whole or not at all: a kill never leaves half a summary

@@ -152,6 +152,11 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 
 def entry():
   """The `tpp-jax` console command and `python -m tpp_jax.main`."""
+  from tpp_jax import hugepages
+  try:
+    hugepages.reexec_with_hugepages()  # glibc reads GLIBC_TUNABLES at start only: before anything else runs
+  except ValueError as e:
+    _fail(str(e))
   from tpp_jax.config import ConfigError
   try:
     sys.argv = resolve_config_argv(sys.argv)
