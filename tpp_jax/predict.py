@@ -342,4 +342,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from tpp_jax import hugepages
+  try:
+    hugepages.reexec_with_hugepages()  # as `python -m tpp_jax.main`: huge pages for XLA:CPU's per-batch buffers
+  except ValueError as e:
+    _fail(str(e))
   main()
