@@ -131,12 +131,29 @@ def test_remat_keeps_parameters_outputs_and_gradients():
     np.testing.assert_allclose(tree_lib.flatten(g1)[k], v, rtol=1e-4, atol=1e-4, err_msg=k)
 
 
-def test_attention_auto_is_xla_off_gpu_and_bad_choice_is_named():
+def test_attention_auto_on_cpu_equals_xla_and_bad_choice_is_named():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   outs = []
-  for impl in ("auto", "xla"):
+  for impl in ("auto", "xla"):  # auto: heads-major einsums on CPU, the same function as jax's XLA attention
     enc = ViT(ViTConfig.from_variant("Mu/8", depth=1, image_size=32, attention=impl))
     outs.append(enc.apply(enc.init(jax.random.key(1), x), x)["tokens"])
-  np.testing.assert_array_equal(outs[0], outs[1])
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="model.attention='flash'"):
     ViTConfig.from_variant("Mu/8", attention="flash")
+
+
+@pytest.mark.parametrize("t", [18, 65])  # MAE's visible tokens, the demo's full sequence
+def test_cpu_attention_values_and_gradients_match_torch_sdpa(t):
+  torch = pytest.importorskip("torch")
+  from tpp_jax.models.vit import attention
+  rng = np.random.default_rng(t)
+  q, k, v, w = (rng.standard_normal((3, t, 4, 16)).astype(np.float32) for _ in range(4))
+  f = lambda q, k, v: (attention(q, k, v, "auto") * w).sum()
+  out = attention(q, k, v, "auto")
+  grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+  tq, tk, tv = (torch.tensor(a, dtype=torch.float64).transpose(1, 2).requires_grad_() for a in (q, k, v))
+  ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)  # (B, H, T, D)
+  (ref * torch.tensor(w, dtype=torch.float64).transpose(1, 2)).sum().backward()
+  np.testing.assert_allclose(out, ref.detach().transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+  for g, tg in zip(grads, (tq, tk, tv)):
+    np.testing.assert_allclose(g, tg.grad.transpose(1, 2).numpy(), rtol=1e-4, atol=1e-5)

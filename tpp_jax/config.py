@@ -38,7 +38,7 @@ def base_config() -> mlc.ConfigDict:
   c.model = mlc.ConfigDict(dict(
       variant="Ti/16", image_size=224, channels=3, pooling="cls", pos_emb="learned",
       ln_eps=1e-6, layer_scale=False, drop_path=0.0, dropout=0.0, dtype="float32",
-      attention="auto",  # auto: cuDNN fused attention on GPU in bf16, else XLA | xla | cudnn
+      attention="auto",  # auto: cuDNN fused attention on GPU in bf16, heads-major on CPU, else XLA | xla | cudnn
       remat=False,       # recompute block activations in the backward pass (large models, long sequences)
       frozen_dtype="auto"))  # auto: frozen weight matrices in bf16 when dtype is bf16 (engine.storage_dtypes) | float32
   # Backbone weights: path to a .pth / .safetensors / .npz (format auto-detected), or a tpp_jax
