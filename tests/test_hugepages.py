@@ -106,3 +106,12 @@ def test_cli_runs_with_huge_pages_and_turns_them_off_on_request(tmp_path):
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert r.returncode != 0 and len(errors) == 1 and "TPP_HUGEPAGES='yes'" in errors[0], r.stderr[-2000:]
   assert not (tmp_path / "bad").exists()
+
+
+def test_predict_cli_names_a_bad_setting_in_one_error(tmp_path):
+  env = {**os.environ, "TPP_HUGEPAGES": "on"}
+  r = subprocess.run([sys.executable, "-m", "tpp_jax.predict", str(tmp_path / "run"), str(tmp_path / "in.npz"),
+                      str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1 and "TPP_HUGEPAGES='on'" in errors[0], r.stderr[-2000:]
+  assert not (tmp_path / "out").exists()
