@@ -66,6 +66,7 @@ if __name__ == "__main__":  # as the CLI runs: huge pages for XLA:CPU's per-step
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -100,6 +101,7 @@ class Setup:
   vit: ViTConfig
   dec: MAEDecoderConfig
   batch: int
+  frozen_dtype: str = "auto"  # the engine's model.frozen_dtype: frozen matrices stored in bf16 when computing in bf16
 
   @property
   def visible(self) -> int:
@@ -107,17 +109,22 @@ class Setup:
     return int(self.vit.num_patches * (1 - MASK_RATIO))
 
 
-def make_setup(size: str, batch: int | None, dtype: str | None) -> Setup:
-  """'full' (ViT-B/16, 224 px, MAE's decoder), 'small' (the demo size) or 'tiny' (the test's)."""
-  if size == "full":
-    vit = ViTConfig.from_variant("B/16", image_size=224, dtype=dtype or "bfloat16")
-    return Setup("ViT-B/16, 224 px", vit, MAEDecoderConfig(width=512, depth=8, heads=16, mlp_dim=2048), batch or 256)
+def make_setup(size: str, batch: int | None, dtype: str | None, attention: str = "auto",
+               frozen_dtype: str = "auto") -> Setup:
+  """'full' (ViT-B/16, 224 px, MAE's decoder), 'small' (the demo size) or 'tiny' (the test's).
+
+  attention / frozen_dtype: the engine's model.attention and model.frozen_dtype."""
   small_dec = MAEDecoderConfig(width=128, depth=1, heads=4, mlp_dim=512)
-  if size == "small":
-    vit = ViTConfig.from_variant("Ti/8", depth=6, image_size=64, dtype=dtype or "float32")
-    return Setup("ViT-Ti/8, 6 blocks, 64 px", vit, small_dec, batch or 64)
-  vit = ViTConfig.from_variant("Ti/8", depth=1, image_size=32, dtype=dtype or "float32")
-  return Setup("ViT-Ti/8, 1 block, 32 px (tiny)", vit, small_dec, batch or 4)
+  if size == "full":
+    name, variant, kw, dec = "ViT-B/16, 224 px", "B/16", dict(image_size=224), MAEDecoderConfig(512, 8, 16, 2048)
+  elif size == "small":
+    name, variant, kw, dec = "ViT-Ti/8, 6 blocks, 64 px", "Ti/8", dict(depth=6, image_size=64), small_dec
+  else:
+    name, variant, kw, dec = "ViT-Ti/8, 1 block, 32 px (tiny)", "Ti/8", dict(depth=1, image_size=32), small_dec
+  vit = ViTConfig.from_variant(variant, dtype=dtype or ("bfloat16" if size == "full" else "float32"),
+                               attention=attention, **kw)
+  default_batch = {"full": 256, "small": 64}.get(size, 4)
+  return Setup(name, vit, dec, batch or default_batch, frozen_dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -243,10 +250,13 @@ class JaxStep:
   off CPU; the frozen tree is an argument, not a constant baked into the executable.
   """
 
-  def __init__(self, init_fn, loss_fn, rules, mesh=None):
+  def __init__(self, init_fn, loss_fn, rules, mesh=None, setup: Setup | None = None):
     """init_fn() -> (params, batch): full-size concrete arrays (only traced here). mesh: a 1-D 'data' mesh to split
-    the batch over (params and optimizer state replicated, as the engine does), or None for one device."""
+    the batch over (params and optimizer state replicated, as the engine does), or None for one device. setup: its
+    compute dtype and frozen_dtype store the frozen weight matrices as the engine does (engine.storage_dtypes)."""
     self.init_fn, self.shardings = init_fn, None
+    self.storage = None if setup is None else ml_collections.ConfigDict(
+        {"model": {"dtype": setup.vit.dtype, "frozen_dtype": setup.frozen_dtype}})
     shapes, _ = jax.eval_shape(init_fn)
     labels = partition.label_tree(shapes, rules)
     train_labels, _ = split_trainable(labels, labels)
@@ -270,7 +280,10 @@ class JaxStep:
 
   def state(self):
     params, batch = self.init_fn()
-    trainable, frozen = split_trainable(params, partition.label_tree(params, self.rules))
+    labels = partition.label_tree(params, self.rules)
+    if self.storage is not None:
+      params, _ = engine.storage_dtypes(self.storage, params, {}, labels)
+    trainable, frozen = split_trainable(params, labels)
     return trainable, self.tx.init(trainable), frozen, batch
 
   def start(self, peak_seen: list[float]) -> Step:
@@ -321,7 +334,7 @@ def jax_finetune(s: Setup, mesh=None) -> JaxStep:
     logits = head.apply({"params": params["head"]}, tokens[:, 1:].mean(axis=1))  # as the torch row
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  return JaxStep(init_fn, loss_fn, partition.default_rules("finetune", "lora"), mesh)
+  return JaxStep(init_fn, loss_fn, partition.default_rules("finetune", "lora"), mesh, s)
 
 
 def jax_tpp(s: Setup, mesh=None) -> JaxStep:
@@ -342,7 +355,7 @@ def jax_tpp(s: Setup, mesh=None) -> JaxStep:
     return mae_loss(pred, x, mask, s.vit.patch, True)
 
   # the tpp stage: LoRA + decoder trained, encoder and the fixed sin-cos decoder position embedding frozen
-  return JaxStep(init_fn, loss_fn, partition.default_rules("tpp", "lora", fixed_pos_emb=True), mesh)
+  return JaxStep(init_fn, loss_fn, partition.default_rules("tpp", "lora", fixed_pos_emb=True), mesh, s)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -525,6 +538,12 @@ def parse_args(argv=None):
   ap.add_argument("--repeats", type=int, default=3, help="timings; the median is reported")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (torch.compile compiles in them)")
   ap.add_argument("--no-torch", action="store_true", help="tpp_jax rows only")
+  ap.add_argument("--only", choices=("finetune", "mae"), help="the rows of one step only")
+  ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                  help="tpp_jax's model.attention (auto: cuDNN fused attention on GPU in bf16)")
+  ap.add_argument("--frozen-dtype", choices=("auto", "float32"), default="auto",
+                  help="tpp_jax's model.frozen_dtype (auto: frozen weight matrices stored in bf16 when computing in "
+                       "bf16, as the engine does)")
   ap.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
   ap.add_argument("--threads", type=int, help="torch.set_num_threads(N) (XLA:CPU always uses every core)")
   ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: built-in table)")
@@ -547,7 +566,7 @@ def load_average() -> str:
 
 def main(argv=None):
   a = parse_args(argv)
-  s = make_setup(a.size, a.batch, a.dtype)
+  s = make_setup(a.size, a.batch, a.dtype, a.attention, a.frozen_dtype)
   a.batch, dtype = s.batch, s.vit.dtype
   mods = None if a.no_torch else torch_modules()
   device = torch_device(mods[0]) if mods else None
@@ -567,7 +586,9 @@ def main(argv=None):
         f"{torch_info} | threads: XLA:CPU {cores} (all cores), torch {mods[0].get_num_threads() if mods else '–'} | "
         f"load average {load_average()} | glibc huge pages {'on' if hugepages.active() else 'off'} "
         f"(tpp_jax/hugepages.py; TPP_HUGEPAGES=0 for off)")
-  print(f"{s.name}, batch {s.batch}, {dtype}; MAE decoder {s.dec.width} wide x {s.dec.depth} deep; LoRA r={LORA.rank} "
+  print(f"{s.name}, batch {s.batch}, {dtype} (tpp_jax: attention {a.attention}, frozen weights "
+        f"{'bf16' if dtype == 'bfloat16' and a.frozen_dtype == 'auto' else 'fp32'}); MAE decoder {s.dec.width} wide "
+        f"x {s.dec.depth} deep; LoRA r={LORA.rank} "
         f"alpha={LORA.alpha:g} on q,v; {NUM_CLASSES} classes; median of {a.repeats} x {a.steps} steps after "
         f"{a.warmup} warm-up")
 
@@ -577,9 +598,11 @@ def main(argv=None):
     if s.batch % jax.device_count():
       sys.exit(f"--batch {s.batch} must be a multiple of --cpu-devices {jax.device_count()}")
     mesh = Mesh(jax.devices(), ("data",))
-  jax_steps = {"finetune": jax_finetune(s, mesh), "mae": jax_tpp(s, mesh)}
+  kinds = (a.only,) if a.only else ("finetune", "mae")
+  jax_steps = {k: (jax_finetune if k == "finetune" else jax_tpp)(s, mesh) for k in kinds}
   flops = {"finetune": finetune_step_flops(s.vit), "mae": tpp_step_flops(s)}
-  xla = {k: (st.flops / s.batch if st.flops else None) for k, st in jax_steps.items()}
+  xla = {k: (jax_steps[k].flops / s.batch if k in jax_steps and jax_steps[k].flops else None)
+         for k in ("finetune", "mae")}
   g = lambda f: "n/a" if f is None else f"{f / 1e9:.3f}"
   t_all, k = s.vit.num_patches + 1, s.visible + 1
   print("\nModel FLOPs per image, GFLOP (analytic, multiply-add = 2; XLA = jax's cost_analysis() of the compiled "
@@ -595,6 +618,8 @@ def main(argv=None):
   peak_seen = [0.0]
   rows = []
   for kind, title in (("finetune", "LoRA fine-tune"), ("mae", "TPP MAE+LoRA")):
+    if kind not in kinds:
+      continue
     rows.append(Row(f"{title}, tpp_jax", kind, "jax", lambda kind=kind: jax_steps.pop(kind).start(peak_seen)))
     build = torch_finetune if kind == "finetune" else torch_tpp
     if device:
@@ -622,8 +647,8 @@ def main(argv=None):
         "and torch shows –.")
   print("opt state / trainable: optimizer-state bytes / trainable-parameter bytes (AdamW: m and v, 2.00 in fp32).")
   if mods and device:
-    ratio = lambda kind: ips[(kind, "jax")] / ips[(kind, "eager")]
-    print(f"ratio tpp_jax/pytorch: finetune {ratio('finetune'):.2f}x, mae {ratio('mae'):.2f}x")
+    ratio = lambda kind: f"{ips[(kind, 'jax')] / ips[(kind, 'eager')]:.2f}x" if kind in kinds else "–"
+    print(f"ratio tpp_jax/pytorch: finetune {ratio('finetune')}, mae {ratio('mae')}")
 
 
 if __name__ == "__main__":

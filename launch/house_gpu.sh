@@ -42,7 +42,7 @@ fi
 start=$(date +%s)
 timeout --signal=KILL "$TRAIN_SECONDS" $PY -m tpp_jax.main --config configs/house_backbone.py --workdir "$WORKDIR" \
   --config.data.path="$DATA" --config.data.val_count=1000 --config.data.workers="${WORKERS:-auto}" \
-  --config.batch_size="$BATCH" --config.eval_batch_size=200 --config.steps="$STEPS" \
+  --config.batch_size="$BATCH" --config.eval_batch_size=200 --config.epochs="$EPOCHS" \
   --config.optim.warmup_steps="$WARMUP" --config.eval_every="$EVAL_EVERY" \
   --config.checkpoint_every="$EVAL_EVERY" --config.keep_checkpoints=1 --config.log_every=100 \
   --config.data.augment.on_device="${ON_DEVICE:-False}" \

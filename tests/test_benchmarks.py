@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import jax
+
 from tpp_jax import hugepages
 
 from conftest import ROOT
@@ -84,3 +86,41 @@ def test_step_profile_groups_the_traced_ops_through_its_cli():
   assert len(rows) == 7, r.stdout
   assert 95 <= sum(share for _, share in rows.values()) <= 105
   assert rows["matmul: q/k/v/o, MLP, LoRA, head"][0] > 0 and rows["attention: QK^T, softmax, AV"][0] > 0
+
+
+def test_step_profile_groups_gpu_kernels_by_their_xla_ops():
+  """GPU kernels as an H200 trace named them (jax 0.11.2): cuBLAS custom calls and Triton GEMM fusions are matmuls,
+  XLA's attention products (vmap'd einsums under attn/) and cuDNN's fused attention are attention."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  saved = os.environ.get("XLA_FLAGS")
+  try:
+    import step_profile  # sets XLA_FLAGS for its own run: not for the tests after this one
+  finally:
+    os.environ.pop("XLA_FLAGS", None) if saved is None else os.environ.__setitem__("XLA_FLAGS", saved)
+  g = lambda instr, op: step_profile.group_of(instr, op, gpu=True)
+  assert g("custom-call.59 nvjet_sm90_tst_256x128", "jit(step)/transpose(jvp(ViT))/blocks_2/mlp/fc1/dot_general") \
+      == step_profile.GROUPS[0]
+  assert g("gemm_fusion_dot.273 gemm_fusion_dot_265",
+           "jit(step)/transpose(jvp(ViT))/blocks_9/attn/vmap(BTNH,BSNH->BNTS)/dot_general") == step_profile.GROUPS[1]
+  assert g("custom-call.3 cudnn_fmha_fwd", "jit(step)/jvp(ViT)/blocks_0/attn/dot_product_attention") \
+      == step_profile.GROUPS[1]
+  assert g("loop_add_fusion.19", "jit(step)/transpose(jvp(ViT))/blocks_6/mlp/add_any") == step_profile.GROUPS[6]
+
+
+def test_step_speed_stores_frozen_weights_as_the_engine_and_runs_one_step_kind():
+  """bf16 compute: the frozen matrices are bf16 (engine.storage_dtypes), trainable leaves fp32; --frozen-dtype float32
+  keeps them fp32; --only mae prints the TPP row alone."""
+  m = load_step_speed()
+  for frozen_dtype, want in (("auto", "bfloat16"), ("float32", "float32")):
+    js = m.jax_finetune(m.make_setup("tiny", None, "bfloat16", frozen_dtype=frozen_dtype))
+    trainable, _, frozen, _ = jax.eval_shape(js.state)
+    assert {x.dtype.name for x in jax.tree_util.tree_leaves(frozen) if x.ndim >= 2} == {want}
+    assert {x.dtype.name for x in jax.tree_util.tree_leaves(trainable)} == {"float32"}
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--dtype", "bfloat16", "--only", "mae", "--no-torch",
+                      "--attention", "xla", "--steps", "1", "--repeats", "1", "--warmup", "1"], cwd=ROOT,
+                     env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  assert "(tpp_jax: attention xla, frozen weights bf16)" in r.stdout, r.stdout[:800]
+  rows = [l.split("|")[1].strip() for l in r.stdout.splitlines() if l.startswith("| ") and "step" not in l[:8]]
+  assert rows == ["TPP MAE+LoRA, tpp_jax"], r.stdout

@@ -457,7 +457,10 @@ class Trainer:
     print(f"[{c.stage}] {self.init_source}; {partition.format_counts(self.counts)}")
 
     steps, log_every = int(c.steps), int(c.log_every)
-    t_start, timed_steps, t_timed = time.time(), 0, 0.0
+    # Throughput without a host sync per step (the host reads the next batch while the device runs this one):
+    # images/s over windows that start once the first (compiling) step has finished, or after an eval / checkpoint,
+    # and end at a logged step (whose metrics are read back anyway); input waits count, evals do not.
+    t_start, timed_steps, t_timed, window = time.time(), 0, 0.0, None
     best = store.best_meta()  # a resumed run keeps comparing against the best it already kept
     stop = min(steps, int(c.stop_after)) if c.stop_after else steps
     bar = progress(range(start, stop), desc=c.stage, enabled=bool(c.progress) and is_main, initial=start,
@@ -466,32 +469,34 @@ class Trainer:
     done = start
     for step in bar:
       batch = next(it)
-      t0 = time.time()
       self.state, mets = self.train_step(self.state, global_batch(batch, self.mesh), self.base_rng)
       done = step + 1
       self._unchecked.append((done, mets.pop(FINITE)))
       fault_point(wd, "step", done)
-      if done % log_every == 0 or done == stop:
-        mets = jax.device_get(mets)
-        dt = time.time() - t0
-        if step > start:  # the first step includes compilation
-          timed_steps += 1
-          t_timed += dt
+      logged = done % log_every == 0 or done == stop
+      if logged:
+        mets = jax.device_get(mets)  # waits for this step
+      if window is None:
+        if not logged:
+          jax.block_until_ready(self.state["step"])  # the compiling step: the clock starts once it has run
+        window = (done, time.time())
+      elif logged:
+        timed_steps, t_timed = timed_steps + done - window[0], t_timed + time.time() - window[1]
+        window = (done, time.time())
+      if logged:
         self._check_finite(store)
         ips = self.config.batch_size * timed_steps / t_timed if t_timed else float("nan")
         logger.log(done, "train", {k: float(v) for k, v in mets.items()}, images_per_sec=ips)
         bar.set_postfix(loss=f"{float(mets['loss']):.4f}", img_s=f"{ips:.0f}")
-      elif step > start:
-        jax.block_until_ready(self.state["step"])
-        timed_steps += 1
-        t_timed += time.time() - t0
       if c.eval_every and done % int(c.eval_every) == 0 and done != steps:
         self._check_finite(store)
         best = self._eval_and_keep_best(done, logger, store, best)
         fault_point(wd, "eval", done)
+        window = None
       if c.checkpoint_every and done % int(c.checkpoint_every) == 0 and done != steps:
         self._save(store, done, it)
         fault_point(wd, "checkpoint", done)
+        window = None
       if (signum := workdir_lib.stop_requested()) is not None and done < stop:
         self._save(store, done, it, force=True)
         store.close()

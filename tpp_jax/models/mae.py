@@ -80,23 +80,24 @@ class MAEDecoder(nn.Module):
     """tokens (B, 1+K, D_enc) from the encoder, ids_restore (B, N) -> (B, N, P*P*C)."""
     c, e = self.cfg, self.encoder
     n = ids_restore.shape[1]
-    x = Dense(c.width, name="embed", kernel_init=nn.initializers.xavier_uniform())(tokens.astype(jnp.float32))
+    dt = e.jnp_dtype  # the encoder's compute dtype (bf16 matmuls / attention when it computes in bf16, as autocast)
+    x = Dense(c.width, name="embed", kernel_init=nn.initializers.xavier_uniform(), dtype=dt)(tokens)
     b, t, d = x.shape
-    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, d))
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, d)).astype(dt)
     x_ = jnp.concatenate([x[:, 1:], jnp.broadcast_to(mask_token, (b, n + 1 - t, d))], axis=1)
     x_ = jnp.take_along_axis(x_, ids_restore[:, :, None].astype(jnp.int32), axis=1)
     x = jnp.concatenate([x[:, :1], x_], axis=1)
     grid = int(round(n ** 0.5))
     pos = self.param("pos_embed", lambda *_: jnp.asarray(sincos_2d(d, grid)), (1, 1 + n, d))
-    x = x + pos
+    x = x + pos.astype(dt)
     block_cfg = dataclasses.replace(e, width=c.width, depth=c.depth, heads=c.heads, mlp_dim=c.mlp_dim,
                                     ln_eps=c.ln_eps, layer_scale=False, drop_path=0.0, dropout=0.0,
-                                    dtype="float32")
+                                    dtype=e.dtype)
     for i in range(c.depth):
       x = Block(block_cfg, PeftConfig(), name=f"blocks_{i}")(x, not train)
-    x = Norm(c.ln_eps, PeftConfig(), name="norm")(x)
-    x = Dense(e.patch * e.patch * e.channels, name="pred", kernel_init=nn.initializers.xavier_uniform())(x)
-    return x[:, 1:]
+    x = Norm(c.ln_eps, PeftConfig(), dt, name="norm")(x)
+    x = Dense(e.patch * e.patch * e.channels, name="pred", kernel_init=nn.initializers.xavier_uniform(), dtype=dt)(x)
+    return x[:, 1:].astype(jnp.float32)
 
 
 def mae_forward(encoder: nn.Module, decoder: nn.Module, params: dict, images, noise, mask_ratio: float,

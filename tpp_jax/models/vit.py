@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpp_jax.models.activations import gelu
+from tpp_jax.models.attention import attention, heads_major_attention  # noqa: F401 - heads_major_attention: re-export
 from tpp_jax.models.peft import Adapter, Norm, PeftConfig, PeftDense
 
 # name -> (width, depth, heads, mlp_dim)
@@ -128,37 +129,6 @@ class DropPath(nn.Module):
     keep = 1.0 - self.rate
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return x * mask.astype(x.dtype) / keep
-
-
-def attention(q, k, v, implementation: str = "auto"):
-  """Softmax attention of (B, T, H, D) q, k, v -> (B, T, H, D).
-
-  'auto' asks for cuDNN's fused (flash) attention on GPU with bf16 / fp16 inputs and head dims it supports, uses
-  XLA's (jax.nn.dot_product_attention) where cuDNN refuses the shapes or on TPU / fp32 GPU, and on CPU the same
-  computation with the heads moved in front (`heads_major_attention`); 'xla' / 'cudnn' insist on jax's.
-  """
-  if implementation == "auto":
-    if jax.default_backend() == "cpu":
-      return heads_major_attention(q, k, v)
-    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8:
-      return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    try:
-      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    except (ValueError, NotImplementedError, RuntimeError):  # cuDNN too old / shape unsupported: XLA's
-      return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-
-
-def heads_major_attention(q, k, v):
-  """jax.nn.dot_product_attention's XLA computation (logits scaled by 1/sqrt(D), softmax in fp32, cast back), with
-  q, k, v transposed to (B, H, T, D) first so that both products are plain batched matmuls. On XLA:CPU this runs
-  the LoRA fine-tune step of benchmarks/step_speed.py about 8 % faster than the (B, T, H, D) einsums, whose layout
-  copies XLA:CPU places around every product, forward and backward (README "Performance")."""
-  with jax.named_scope("dot_product_attention"):
-    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    logits = jnp.einsum("bhtd,bhsd->bhts", qh, kh) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
