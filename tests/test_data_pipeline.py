@@ -273,3 +273,62 @@ def test_input_pipeline_benchmark_cli():
   assert any(l.split()[:1] == ["finetune"] for l in lines)
   assert lines[-1].startswith("headroom: ") and lines[-1].endswith("x")
   float(lines[-1].split()[1][:-1])
+
+
+def _cached_folder(tmp_path, n=26, size=16, shape=None):
+  """A class-folder split of n PNGs (size x size RGB unless shape), decoded into memory (data.cache=on)."""
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    d = tmp_path / "train" / "ab"[i % 2]
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape or (size, size, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
+  return sources.ClassFolderSource(tmp_path, "train", cache="on")
+
+
+_ON_DEVICE = transforms.make_transform({"image_size": 16, "augment": {"crop_scale": (0.35, 1.0), "hflip": True,
+                                                                      "on_device": True}}, train=True)
+
+
+def test_on_device_input_of_a_cached_split_is_gathered_a_batch_at_a_time(tmp_path):
+  """data.augment.on_device + data.cache: each batch is one gather of the cached uint8 images (no per-example grain
+  work); the records are what the per-example path reads (source[i] through the transform), every image once per
+  epoch (drop remainder), a new order each epoch, the same for the seed."""
+  src = _cached_folder(tmp_path)
+  shard = pipeline._Subset(src, np.arange(len(src)))
+  assert pipeline.batch_gather(shard, _ON_DEVICE)
+  by_bytes = {_ON_DEVICE(src[i], np.random.default_rng(0))["image"].tobytes(): i for i in range(len(src))}
+  it = pipeline.train_iter(src, _ON_DEVICE, 8, seed=3)
+  epochs = [_take(it, 3), _take(it, 3)]  # 26 // 8 = 3 batches an epoch
+  for epoch in epochs:
+    ids = [by_bytes[img.tobytes()] for b in epoch for img in b["image"]]
+    assert len(set(ids)) == 24
+    for b in epoch:
+      assert b["image"].dtype == np.uint8 and b["image"].shape == (8, 16, 16, 3) and b["label"].dtype == np.int32
+      np.testing.assert_array_equal(b["label"], src.labels[[by_bytes[img.tobytes()] for img in b["image"]]])
+  assert not _same(epochs[0], epochs[1])
+  assert _same(_take(pipeline.train_iter(src, _ON_DEVICE, 8, seed=3), 6), epochs[0] + epochs[1])
+
+
+def test_gathered_batches_resume_exactly_and_ignore_workers(tmp_path):
+  src = _cached_folder(tmp_path)
+  expected = _take(pipeline.train_iter(src, _ON_DEVICE, 8, seed=1), 8)
+  it = pipeline.train_iter(src, _ON_DEVICE, 8, seed=1)
+  got = _take(it, 4)  # crosses an epoch boundary
+  fresh = pipeline.train_iter(src, _ON_DEVICE, 8, seed=1)
+  fresh.set_state(it.get_state())
+  assert _same(got + _take(fresh, 4), expected)
+  assert _same(_take(pipeline.train_iter(src, _ON_DEVICE, 8, seed=1, num_workers=2), 8), expected)  # in-process
+
+
+def test_batch_gather_only_where_a_batch_equals_the_per_example_reads(tmp_path):
+  """Host augmentation, no cache, images of another size (the transform resizes them) and balanced sampling all
+  keep the per-example path."""
+  src = _cached_folder(tmp_path)
+  view = lambda s: pipeline._Subset(s, np.arange(len(s)))
+  assert not pipeline.batch_gather(view(src), _TRAIN)
+  off = sources.ClassFolderSource(tmp_path, "train", cache="off")
+  assert not pipeline.batch_gather(view(off), _ON_DEVICE)
+  big = _cached_folder(tmp_path / "big", size=20)
+  assert not pipeline.batch_gather(view(big), _ON_DEVICE)
+  balanced = _take(pipeline.train_iter(src, _ON_DEVICE, 8, seed=0, balance=True), 1)[0]
+  assert balanced["image"].shape == (8, 16, 16, 3)

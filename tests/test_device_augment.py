@@ -126,3 +126,30 @@ def test_what_device_augmentation_cannot_do_is_one_error(tmp_path):
   line = one_error_line(r)
   assert "data.augment.on_device=False" in line and "contrastive" in line, line
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_stage0_on_a_cached_split_gathers_whole_batches_and_resumes_exactly(tmp_path):
+  """Stage 0 as launch/house_gpu.sh runs it (data.augment.on_device, the split cached in memory at image_size): the
+  input is one gather per batch (pipeline.batch_gather), and a run stopped and resumed logs the same losses."""
+  from conftest import jpeg_bytes
+  from tpp_jax.data import pipeline
+
+  rng = np.random.default_rng(0)
+  parts = [jpeg_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(96)]
+  data = tmp_path / "photos.npz"
+  np.savez(data, jpeg_bytes=np.concatenate(parts), offsets=np.cumsum([0] + [len(p) for p in parts]))
+  spec = (f"configs/house_backbone.py:smoke,data.path={data},data.val_count=16,data.augment.on_device=True,"
+          "data.cache=on,data.max_train_examples=0")
+  c = load_config("house_backbone", spec.split(":", 1)[1])
+  train = pipeline.build_sources(c.data)["train"]
+  assert pipeline.batch_gather(pipeline._Subset(train, np.arange(len(train))), transforms.make_transform(c.data, True))
+  common = ["--config", spec, "--config.log_every=1", "--config.checkpoint_every=2", "--config.eval_splits=()",
+            "--config.epochs=0", "--config.steps=6", "--config.batch_size=32"]
+  full, half = tmp_path / "full", tmp_path / "half"
+  for args in ([str(full)], [str(half), "--config.stop_after=3"], [str(half)]):
+    r = run_cli(common + ["--workdir", args[0], *args[1:]])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+  def losses(wd):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(wd / "metrics.jsonl")) if r["split"] == "train"}
+  assert losses(full) == losses(half) and len(losses(full)) == 6

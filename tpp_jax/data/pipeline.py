@@ -80,6 +80,13 @@ class _Subset:
   def __len__(self) -> int:
     return len(self.indices)
 
+  def gather(self, i: np.ndarray) -> Record | None:
+    """The source's ``gather`` of these view positions (None where it has none, or with ``valid`` flags)."""
+    gather = getattr(self.source, "gather", None)
+    if gather is None or self.num_valid is not None:
+      return None
+    return gather(self.indices[np.asarray(i)])
+
   def __getitem__(self, i: int) -> Record:
     rec = self.source[int(self.indices[i])]
     if self.num_valid is not None:
@@ -167,6 +174,43 @@ def balanced_probabilities(labels: np.ndarray) -> np.ndarray:
   return p / p.sum()
 
 
+class _EpochBatch(grain.transforms.MapWithIndex):
+  """Batch ``index`` of an endless run of epochs, each a fresh seeded permutation of the shard cut into
+  ``len // batch_size`` batches (drop remainder), read by one ``gather`` of the shard (``batch_gather``)."""
+
+  def __init__(self, shard: _Subset, batch_size: int, seed: int):
+    self.shard, self.batch_size, self.seed = shard, batch_size, seed
+    self.per_epoch = len(shard) // batch_size
+    self._perm: tuple[int, np.ndarray] | None = None
+
+  def map_with_index(self, index: int, element):
+    epoch, j = divmod(int(index), self.per_epoch)
+    if self._perm is None or self._perm[0] != epoch:
+      self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.shard)))
+    return self.shard.gather(self._perm[1][j * self.batch_size:(j + 1) * self.batch_size])
+
+  def __repr__(self) -> str:
+    return f"_EpochBatch(batch_size={self.batch_size}, seed={self.seed})"
+
+
+def batch_gather(shard: _Subset, transform: Transform) -> bool:
+  """True when whole batches can be read with one fancy index of the cached split: the transform is the training
+  transform with data.augment.on_device (no host randomness; uint8 out) and is the identity on the split's records
+  (already image_size x image_size x channels, decoded into memory with one shape, class labels), so a gathered
+  batch is what per-example reads and grain's batching would stack. grain's per-example work (shuffle, read,
+  transform, batch: ~95 us an image in one process) is then one gather per batch."""
+  aug = getattr(transform, "augment", None)
+  if not (getattr(transform, "train", False) and getattr(aug, "on_device", False)):
+    return False
+  probe = shard.gather(np.arange(1))
+  if probe is None:
+    return False
+  record = {"image": probe["image"][0], "label": probe["label"][0]}
+  out = transform(record, np.random.default_rng(0))
+  return (set(out) == {"image", "label"} and out["image"].dtype == np.uint8
+          and out["image"].shape == record["image"].shape and np.array_equal(out["image"], record["image"]))
+
+
 def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
                shard_index: int = 0, shard_count: int = 1,
                balance: bool = False, prefetch: int = 2,
@@ -180,7 +224,9 @@ def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
   position) -> batch (drop remainder) -> in-process prefetch. With
   ``balance=True`` each example is instead drawn i.i.d. from the shard with
   probability inversely proportional to its class frequency (deterministic
-  given the seed).
+  given the seed). Where ``batch_gather`` holds (data.augment.on_device with
+  a split cached in memory), each batch is instead one gather of a seeded
+  per-epoch permutation, read in-process whatever ``num_workers``.
 
   Args:
     source: random-access source (``__len__`` / ``__getitem__``).
@@ -206,6 +252,11 @@ def train_iter(source: Any, transform: Transform, batch_size: int, seed: int,
         f"shard {shard_index}/{shard_count} has {len(indices)} examples, fewer "
         f"than batch_size={batch_size}; lower batch_size.")
   shard = _Subset(source, indices)
+  if not balance and batch_gather(shard, transform):
+    ds = (grain.MapDataset.range(len(shard) // batch_size).repeat(None)
+          .map_with_index(_EpochBatch(shard, batch_size, seed)))
+    # in-process: a batch is one memory copy, which worker processes would only add a hand-over to
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
   if balance:
     labels = sources_lib.source_labels(source)[indices]
     cdf = np.cumsum(balanced_probabilities(labels))

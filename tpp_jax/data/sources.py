@@ -435,6 +435,17 @@ class _Base:
     for i in range(len(self)):
       yield self[i]
 
+  def gather(self, indices: np.ndarray) -> dict[str, np.ndarray] | None:
+    """{'image': (n, H, W, C) uint8, 'label': (n,) int32} of these items in one fancy index, when the split is
+    decoded into memory (data.cache) with one image shape and has class labels; else None (read item by item)."""
+    store = getattr(self, "_store", None)
+    labels = getattr(self, "labels", None)
+    if (store is None or labels is None or set(store.columns) != {"image"}
+        or store.columns["image"].offsets is not None):
+      return None
+    indices = np.asarray(indices)
+    return {"image": store.columns["image"].data[indices], "label": np.asarray(labels, np.int32)[indices]}
+
   def _index(self, index: int) -> int:
     n = len(self)
     index = int(index)
