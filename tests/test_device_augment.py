@@ -131,8 +131,9 @@ def test_what_device_augmentation_cannot_do_is_one_error(tmp_path):
 def test_cli_stage0_on_a_cached_split_gathers_whole_batches_and_resumes_exactly(tmp_path):
   """Stage 0 as launch/house_gpu.sh runs it (data.augment.on_device, the split cached in memory at image_size): the
   input is one gather per batch (pipeline.batch_gather), and a run stopped and resumed logs the same losses."""
-  from conftest import jpeg_bytes
   from tpp_jax.data import pipeline
+
+  from conftest import jpeg_bytes
 
   rng = np.random.default_rng(0)
   parts = [jpeg_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(96)]
