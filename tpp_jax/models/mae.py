@@ -71,7 +71,10 @@ def mae_loss(pred: jax.Array, images: jax.Array, mask: jax.Array, patch: int, no
 
 
 class MAEDecoder(nn.Module):
-  """Light transformer decoder: visible tokens + mask tokens -> pixel predictions per patch."""
+  """Light transformer decoder: visible tokens + mask tokens -> pixel predictions per patch (float32).
+
+  Computes in the encoder's dtype (bf16 matmuls and attention when model.dtype=bfloat16, as torch autocast runs HF's
+  decoder; LayerNorm statistics in fp32)."""
   cfg: MAEDecoderConfig
   encoder: ViTConfig
 
