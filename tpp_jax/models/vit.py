@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpp_jax.models.activations import gelu
-from tpp_jax.models.attention import attention, heads_major_attention  # noqa: F401 - heads_major_attention: re-export
+from tpp_jax.models.attention import attention
 from tpp_jax.models.peft import Adapter, Norm, PeftConfig, PeftDense
 
 # name -> (width, depth, heads, mlp_dim)
