@@ -124,3 +124,18 @@ def test_step_speed_stores_frozen_weights_as_the_engine_and_runs_one_step_kind()
   assert "(tpp_jax: attention xla, frozen weights bf16)" in r.stdout, r.stdout[:800]
   rows = [l.split("|")[1].strip() for l in r.stdout.splitlines() if l.startswith("| ") and "step" not in l[:8]]
   assert rows == ["TPP MAE+LoRA, tpp_jax"], r.stdout
+
+
+def test_attention_products_times_both_frameworks_on_equal_results():
+  """benchmarks/attention_products.py through its CLI: one row per product, both frameworks' times, same results."""
+  r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_products.py"), "--batch", "2", "--tokens",
+                      "17", "--heads", "2", "--head-dim", "8", "--steps", "2", "--repeats", "1"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [line for line in r.stdout.splitlines() if line.startswith(("| QK^T", "| PV"))]
+  assert [row.split("(")[1].split(")")[0] for row in rows] == ["4 x 17x8 . 8x17", "4 x 17x17 . 17x8"]
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert all(float(c) > 0 for c in cells[1:5]) and cells[5].endswith("x"), row
+  diff = float(re.search(r"max \|jax - torch\| over both products: (\S+)", r.stdout).group(1))
+  assert diff < 1e-4, r.stdout
