@@ -73,6 +73,7 @@ from jax.sharding import PartitionSpec as P
 
 from tpp_jax import engine, partition
 from tpp_jax import tree as tree_lib
+from tpp_jax.models import cpu_attention
 from tpp_jax.models.heads import ClassifierHead
 from tpp_jax.models.mae import MAEDecoder, MAEDecoderConfig, mae_loss, random_masking
 from tpp_jax.models.peft import PeftConfig
@@ -539,7 +540,7 @@ def parse_args(argv=None):
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (torch.compile compiles in them)")
   ap.add_argument("--no-torch", action="store_true", help="tpp_jax rows only")
   ap.add_argument("--only", choices=("finetune", "mae"), help="the rows of one step only")
-  ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+  ap.add_argument("--attention", choices=("auto", "xla", "cudnn", "cpu_kernel"), default="auto",
                   help="tpp_jax's model.attention (auto: cuDNN fused attention on GPU in bf16)")
   ap.add_argument("--frozen-dtype", choices=("auto", "float32"), default="auto",
                   help="tpp_jax's model.frozen_dtype (auto: frozen weight matrices stored in bf16 when computing in "
@@ -607,8 +608,10 @@ def main(argv=None):
     xla = {k: None for k in xla}
   g = lambda f: "n/a" if f is None else f"{f / 1e9:.3f}"
   t_all, k = s.vit.num_patches + 1, s.visible + 1
+  kernel = a.attention in ("auto", "cpu_kernel") and jax.default_backend() == "cpu" and cpu_attention.build() is None
   print("\nModel FLOPs per image, GFLOP (analytic, multiply-add = 2; XLA = jax's cost_analysis() of the compiled "
-        "tpp_jax computation):")
+        "tpp_jax computation" + ("; it cannot count the FLOPs inside the fused CPU attention kernel, a custom call"
+                                 if kernel else "") + "):")
   print(f"  ViT forward, {t_all} tokens   {g(vit_forward_flops(s.vit))} (XLA {g(xla_forward_flops(s.vit))})   "
         "depth x [2T(4D^2 + 2DM) + 4T^2 D] + patch embedding 2N P^2 C D")
   print(f"  LoRA fine-tune step      {g(flops['finetune'])} (XLA {g(xla['finetune'])})   patch + 2 x frozen matmuls "

@@ -17,6 +17,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# The fused CPU attention kernel (tpp_jax/models/cpu_attention.py) is compiled once for the session, not into ~/.cache
+if "TPP_KERNEL_CACHE" not in os.environ:
+  _KERNEL_CACHE = tempfile.mkdtemp(prefix="tpp_jax_tests_kernels_")
+  atexit.register(shutil.rmtree, _KERNEL_CACHE, True)
+  os.environ["TPP_KERNEL_CACHE"] = _KERNEL_CACHE
+
 import pathlib
 
 import numpy as np

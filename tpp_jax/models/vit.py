@@ -52,7 +52,7 @@ class ViTConfig:
   drop_path: float = 0.0
   dropout: float = 0.0
   dtype: str = "float32"        # compute dtype: float32 | bfloat16
-  attention: str = "auto"       # auto (cuDNN fused attention on GPU in bf16, else XLA) | xla | cudnn
+  attention: str = "auto"       # auto (cuDNN on GPU in bf16, C++ kernel on CPU, else XLA) | xla | cudnn | cpu_kernel
   remat: bool = False           # recompute each block's activations in the backward pass (memory for compute)
 
   def __post_init__(self):
@@ -66,8 +66,8 @@ class ViTConfig:
       raise ValueError(f"model.pos_emb={self.pos_emb!r}; valid: 'learned', 'sincos'.")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model.dtype={self.dtype!r}; valid: 'float32', 'bfloat16'.")
-    if self.attention not in ("auto", "xla", "cudnn"):
-      raise ValueError(f"model.attention={self.attention!r}; valid: 'auto', 'xla', 'cudnn'.")
+    if self.attention not in ("auto", "xla", "cudnn", "cpu_kernel"):
+      raise ValueError(f"model.attention={self.attention!r}; valid: 'auto', 'xla', 'cudnn', 'cpu_kernel'.")
 
   @property
   def grid(self) -> int:
