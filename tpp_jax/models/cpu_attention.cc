@@ -36,7 +36,7 @@ constexpr int kVec = 8;  // floats per AVX register
 int RoundUp(int x, int m) { return (x + m - 1) / m * m; }
 
 // C[kMr x 8*NV] = A[kMr x K] (row stride lda) . B[K x 8*NV] (row stride ldb); C row stride ldc.
-template <int NV>
+template <int NV, bool kTransA>
 __attribute__((always_inline)) inline void MicroKernel(const float* __restrict a, int lda, const float* __restrict b,
                                                        int ldb, float* __restrict c, int ldc, int k_size) {
   __m256 acc[kMr][NV];
@@ -50,7 +50,8 @@ __attribute__((always_inline)) inline void MicroKernel(const float* __restrict a
     for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + static_cast<size_t>(k) * ldb + kVec * v);
 #pragma GCC unroll 8
     for (int i = 0; i < kMr; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + static_cast<size_t>(i) * lda + k);
+      const __m256 av = _mm256_broadcast_ss(kTransA ? a + static_cast<size_t>(k) * lda + i
+                                                    : a + static_cast<size_t>(i) * lda + k);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
     }
@@ -62,13 +63,15 @@ __attribute__((always_inline)) inline void MicroKernel(const float* __restrict a
 }
 
 // C[m_pad x n_pad] = A[m_pad x k] . B[k x n_pad]; m_pad % kMr == 0, n_pad % kVec == 0; strides lda, ldb, ldc.
+// kTransA: A is given as its transpose, a [k x m_pad] array of row stride lda.
+template <bool kTransA = false>
 void Gemm(const float* a, int lda, const float* b, int ldb, float* c, int ldc, int m_pad, int k, int n_pad) {
   for (int i = 0; i < m_pad; i += kMr) {
+    const float* a_rows = kTransA ? a + i : a + static_cast<size_t>(i) * lda;
     int j = 0;
     for (; j + 2 * kVec <= n_pad; j += 2 * kVec)
-      MicroKernel<2>(a + static_cast<size_t>(i) * lda, lda, b + j, ldb, c + static_cast<size_t>(i) * ldc + j, ldc, k);
-    if (j < n_pad)
-      MicroKernel<1>(a + static_cast<size_t>(i) * lda, lda, b + j, ldb, c + static_cast<size_t>(i) * ldc + j, ldc, k);
+      MicroKernel<2, kTransA>(a_rows, lda, b + j, ldb, c + static_cast<size_t>(i) * ldc + j, ldc, k);
+    if (j < n_pad) MicroKernel<1, kTransA>(a_rows, lda, b + j, ldb, c + static_cast<size_t>(i) * ldc + j, ldc, k);
   }
 }
 
@@ -147,14 +150,6 @@ void PackTransposed(const Shape& s, const float* x, int64_t b, int h, float* dst
     const float* row = x + RowOffset(s, b, t, h);
     for (int j = 0; j < s.d; ++j) dst[static_cast<size_t>(j) * ld + t] = row[j];
   }
-}
-
-// dst[T x T] (row stride ld) <- transpose of src[T x T] (row stride ld), 8 x 8 blocks through a scalar loop.
-void TransposeSquare(const float* src, float* dst, int t, int ld) {
-  for (int i0 = 0; i0 < t; i0 += 8)
-    for (int j0 = 0; j0 < t; j0 += 8)
-      for (int i = i0; i < std::min(i0 + 8, t); ++i)
-        for (int j = j0; j < std::min(j0 + 8, t); ++j) dst[static_cast<size_t>(j) * ld + i] = src[static_cast<size_t>(i) * ld + j];
 }
 
 void UnpackRows(const Shape& s, const float* src, int ld, float* x, int64_t b, int h) {
@@ -274,15 +269,13 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   ParallelFor(pool, s.batch * s.h, [&](int64_t begin, int64_t end) {
     const size_t td = static_cast<size_t>(s.t_rows) * s.d, dt = static_cast<size_t>(s.d) * s.t_cols;
     const size_t tt = static_cast<size_t>(s.t_rows) * s.t_cols, tdc = static_cast<size_t>(s.t_rows) * s.d_cols;
-    Scratch scratch(2 * td + 2 * dt + 4 * tt + 5 * tdc);
+    Scratch scratch(2 * td + 2 * dt + 2 * tt + 5 * tdc);
     float* q_a = scratch.Take(td);    // Q rows (A of Q K^T)
     float* kt = scratch.Take(dt);     // K^T (B of Q K^T)
-    float* p = scratch.Take(tt);      // logits, then P
+    float* p = scratch.Take(tt);      // logits, then P (also A^T of P^T dO)
     float* do_a = scratch.Take(td);   // dO rows (A of dO V^T)
     float* vt = scratch.Take(dt);     // V^T (B of dO V^T)
-    float* dp = scratch.Take(tt);     // dP, then dS
-    float* pt = scratch.Take(tt);     // P^T (A of P^T dO)
-    float* dst = scratch.Take(tt);    // dS^T (A of dS^T Q)
+    float* dp = scratch.Take(tt);     // dP, then dS (also A^T of dS^T Q)
     float* do_b = scratch.Take(tdc);  // dO rows (B of P^T dO)
     float* k_b = scratch.Take(tdc);   // K rows (B of dS K)
     float* q_b = scratch.Take(tdc);   // Q rows (B of dS^T Q)
@@ -303,9 +296,8 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
         delta[t] = acc;
       }
       // dV = P^T dO
-      TransposeSquare(p, pt, s.t, s.t_cols);
       PackRows(s, dop, b, h, do_b, s.d_cols);
-      Gemm(pt, s.t_cols, do_b, s.d_cols, res, s.d_cols, s.t_rows, s.t, s.d_cols);
+      Gemm<true>(p, s.t_cols, do_b, s.d_cols, res, s.d_cols, s.t_rows, s.t, s.d_cols);
       UnpackRows(s, res, s.d_cols, dvp, b, h);
       // dP = dO V^T; dS = P * (dP - delta) * scale
       PackRows(s, dop, b, h, do_a, s.d);
@@ -327,9 +319,8 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
       Gemm(dp, s.t_cols, k_b, s.d_cols, res, s.d_cols, s.t_rows, s.t, s.d_cols);
       UnpackRows(s, res, s.d_cols, dqp, b, h);
       // dK = dS^T Q
-      TransposeSquare(dp, dst, s.t, s.t_cols);
       PackRows(s, qp, b, h, q_b, s.d_cols);
-      Gemm(dst, s.t_cols, q_b, s.d_cols, res, s.d_cols, s.t_rows, s.t, s.d_cols);
+      Gemm<true>(dp, s.t_cols, q_b, s.d_cols, res, s.d_cols, s.t_rows, s.t, s.d_cols);
       UnpackRows(s, res, s.d_cols, dkp, b, h);
     }
   });

@@ -163,16 +163,19 @@ _backward = _partitioned(_backward_call, 6, (4,), (), 3)
 @jax.custom_vjp
 def fused_attention(q, k, v):
   """softmax(q k^T / sqrt(D)) v of float32 (B, T, H, D) q, k, v on the C++ kernel (call build() first)."""
-  return _forward(q, k, v)[0]
+  with jax.named_scope("dot_product_attention"):  # the name profiles group attention by (benchmarks/step_profile.py)
+    return _forward(q, k, v)[0]
 
 
 def _fused_fwd(q, k, v):
-  out, lse = _forward(q, k, v)
+  with jax.named_scope("dot_product_attention"):
+    out, lse = _forward(q, k, v)
   return out, (q, k, v, out, lse)
 
 
 def _fused_bwd(residuals, d_out):
-  return tuple(_backward(*residuals, d_out))
+  with jax.named_scope("dot_product_attention"):
+    return tuple(_backward(*residuals, d_out))
 
 
 fused_attention.defvjp(_fused_fwd, _fused_bwd)
