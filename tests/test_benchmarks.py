@@ -139,3 +139,9 @@ def test_attention_products_times_both_frameworks_on_equal_results():
     assert all(float(c) > 0 for c in cells[1:5]) and cells[5].endswith("x"), row
   diff = float(re.search(r"max \|jax - torch\| over both products: (\S+)", r.stdout).group(1))
   assert diff < 1e-4, r.stdout
+  passes = [line for line in r.stdout.splitlines() if line.startswith(("| forward", "| forward + backward"))]
+  assert len(passes) == 2 and all(float(c) > 0 for p in passes for c in p.strip("|").split("|")[1:4]), r.stdout
+  for name in ("kernel", "XLA"):  # the kernel and XLA's attention against torch's SDPA: output and gradients
+    found = re.search(rf"max \|{name} - torch\| over the output and the three gradients: (\S+)", r.stdout)
+    diff = float(found.group(1))
+    assert diff < 1e-4, r.stdout
