@@ -133,3 +133,26 @@ def sp_stats():
       raise
     pytest.skip("scipy (the reference for the paired statistics) is not installed: pip install scipy")
   return stats
+
+
+def torch_sdpa(q, k, v, w):
+  """torch's scaled_dot_product_attention in float64 on (B, T, H, D) arrays: the output and the gradients of
+  sum(out * w), as (B, T, H, D) arrays."""
+  torch = pytest.importorskip("torch")
+  tq, tk, tv = (torch.tensor(a, dtype=torch.float64).transpose(1, 2).requires_grad_() for a in (q, k, v))
+  ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)  # (B, H, T, D)
+  (ref * torch.tensor(w, dtype=torch.float64).transpose(1, 2)).sum().backward()
+  return ref.detach().transpose(1, 2).numpy(), [t.grad.transpose(1, 2).numpy() for t in (tq, tk, tv)]
+
+
+def check_attention_against_torch(fn, shape, seed):
+  """fn(q, k, v) (softmax attention of (B, T, H, D) float32 arrays) and its q, k, v gradients against torch_sdpa."""
+  import jax
+  rng = np.random.default_rng(seed)
+  q, k, v, w = (rng.standard_normal(shape).astype(np.float32) for _ in range(4))
+  out = jax.jit(fn)(q, k, v)
+  grads = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * w).sum(), argnums=(0, 1, 2)))(q, k, v)
+  ref, ref_grads = torch_sdpa(q, k, v, w)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for g, tg in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, tg, rtol=1e-4, atol=1e-5)

@@ -2,35 +2,26 @@
 once-per-shape check that guards cuDNN's padded attention on GPU."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from tpp_jax.models import attention as attention_lib
 
-
-def torch_sdpa(q, k, v, w):
-  """torch's scaled_dot_product_attention in float64: the output and the gradients of sum(out * w)."""
-  torch = pytest.importorskip("torch")
-  tq, tk, tv = (torch.tensor(a, dtype=torch.float64).transpose(1, 2).requires_grad_() for a in (q, k, v))
-  ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)  # (B, H, T, D)
-  (ref * torch.tensor(w, dtype=torch.float64).transpose(1, 2)).sum().backward()
-  return ref.detach().transpose(1, 2).numpy(), [t.grad.transpose(1, 2).numpy() for t in (tq, tk, tv)]
+from conftest import check_attention_against_torch
 
 
 def check_against_torch(fn, t, seed):
-  rng = np.random.default_rng(seed)
-  q, k, v, w = (rng.standard_normal((3, t, 4, 16)).astype(np.float32) for _ in range(4))
-  out = jax.jit(fn)(q, k, v)
-  grads = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * w).sum(), argnums=(0, 1, 2)))(q, k, v)
-  ref, ref_grads = torch_sdpa(q, k, v, w)
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-  for g, tg in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, tg, rtol=1e-4, atol=1e-5)
+  check_attention_against_torch(fn, (3, t, 4, 16), seed)
 
 
 @pytest.mark.parametrize("t", [18, 65])  # MAE's visible tokens, the demo's full sequence
 def test_cpu_attention_values_and_gradients_match_torch_sdpa(t):
   check_against_torch(lambda q, k, v: attention_lib.attention(q, k, v, "auto"), t, seed=t)
+
+
+@pytest.mark.parametrize("t", [18, 65])
+def test_heads_major_attention_the_cpu_fallback_matches_torch_sdpa(t):
+  """What 'auto' runs on CPU where the C++ kernel cannot (models/cpu_attention.py: no compiler, no AVX2, bf16)."""
+  check_against_torch(attention_lib.heads_major_attention, t, seed=t)
 
 
 @pytest.mark.parametrize("t", [17, 197])  # odd: padded by one hidden token (ViT-B/16 at 224 px has 197)

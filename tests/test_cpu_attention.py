@@ -11,20 +11,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tpp_jax.models import attention as attention_lib
 from tpp_jax.models import cpu_attention
 
-from conftest import SMOKE_CLI, run_cli
+from conftest import SMOKE_CLI, check_attention_against_torch, run_cli, torch_sdpa
 
 pytestmark = pytest.mark.skipif(cpu_attention.build() is not None,
                                 reason=f"the kernel cannot be built here: {cpu_attention.build()}")
-
-
-def torch_sdpa(q, k, v, w):
-  """torch's scaled_dot_product_attention in float64 on (B, T, H, D): the output and the grads of sum(out * w)."""
-  import torch
-  tq, tk, tv = (torch.tensor(np.swapaxes(a, 1, 2), dtype=torch.float64, requires_grad=True) for a in (q, k, v))
-  ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
-  (ref * torch.tensor(np.swapaxes(w, 1, 2), dtype=torch.float64)).sum().backward()
-  back = lambda x: np.swapaxes(x.detach().numpy(), 1, 2)
-  return back(ref), [back(a.grad) for a in (tq, tk, tv)]
 
 
 def inputs(shape, seed):
@@ -35,14 +25,7 @@ def inputs(shape, seed):
 @pytest.mark.parametrize("shape", [(2, 1, 1, 8), (3, 5, 2, 12), (2, 17, 3, 64), (3, 65, 3, 64), (1, 50, 4, 33)])
 def test_values_and_gradients_match_torch_sdpa(shape):
   """Token counts below, at and above the 6-row / 8-column blocks, a head width that is no multiple of 8."""
-  q, k, v, w = inputs(shape, seed=shape[1])
-  fn = lambda q, k, v: attention_lib.attention(q, k, v, "cpu_kernel")
-  out = jax.jit(fn)(q, k, v)
-  grads = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * w).sum(), argnums=(0, 1, 2)))(q, k, v)
-  ref, ref_grads = torch_sdpa(q, k, v, w)
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-  for g, tg in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, tg, rtol=1e-4, atol=1e-5)
+  check_attention_against_torch(lambda q, k, v: attention_lib.attention(q, k, v, "cpu_kernel"), shape, shape[1])
 
 
 def test_large_logits_stay_finite_and_match():
