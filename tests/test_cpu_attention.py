@@ -38,6 +38,16 @@ def test_large_logits_stay_finite_and_match():
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_a_nan_in_the_inputs_comes_out_as_nan_as_in_torch():
+  """A diverging run must not be hidden: the engine's NaN check reads the loss downstream of the attention."""
+  q, k, v, w = inputs((2, 9, 2, 16), seed=2)
+  q[0, 3, 1, 5] = np.nan
+  out = np.asarray(jax.jit(cpu_attention.fused_attention)(q, k, v))
+  ref, _ = torch_sdpa(q, k, v, w)
+  np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+  assert np.isnan(out[0, 3, 1]).all() and not np.isnan(out[1]).any()
+
+
 def test_auto_runs_the_kernel_for_float32_on_cpu_and_xla_for_bfloat16():
   q = jnp.zeros((2, 9, 2, 16), jnp.float32)
   hlo = lambda x: jax.jit(lambda x: attention_lib.attention(x, x, x, "auto")).lower(x).as_text()

@@ -75,10 +75,11 @@ void Gemm(const float* a, int lda, const float* b, int ldb, float* c, int ldc, i
   }
 }
 
-// exp of 8 floats (Cephes' polynomial, ~1 ulp; below -88.38 it returns 0, as expf underflows there).
+// exp of 8 floats (Cephes' polynomial, ~1 ulp; below -88.38 it returns 0, as expf underflows there; NaN stays NaN:
+// min / max return their second operand when one is NaN).
 inline __m256 Exp8(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
