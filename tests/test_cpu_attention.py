@@ -133,3 +133,11 @@ def test_cli_finetune_with_the_kernel_equals_xla_attention(tmp_path):
     for name, value in metrics.items():
       if isinstance(value, float):
         assert finals["cpu_kernel"][split][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (split, name)
+
+
+def test_cli_cpu_kernel_where_it_cannot_run_is_one_error_naming_why(tmp_path):
+  r = run_cli(SMOKE_CLI + ["--workdir", str(tmp_path / "run"), "--config.stage=finetune", "--config.steps=2",
+                           "--config.model.attention=cpu_kernel"], env={"TPP_CPU_ATTENTION": "0"})
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
+  assert "model.attention='cpu_kernel' cannot run here: TPP_CPU_ATTENTION=0. Use model.attention='auto'." in errors[0]

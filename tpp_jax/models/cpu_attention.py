@@ -107,6 +107,8 @@ def unavailable(q, k, v) -> str | None:
     return f"q, k, v of shapes {q.shape}, {k.shape}, {v.shape} (the kernel does self-attention of (B, T, H, D))"
   if not all(a.dtype == jnp.float32 for a in (q, k, v)):
     return f"dtype {q.dtype} (the kernel computes in float32)"
+  if jax.default_backend() != "cpu":
+    return f"backend {jax.default_backend()} (the kernel runs on CPU)"
   return build()
 
 
