@@ -75,7 +75,7 @@ def main(argv=None):
       times["jax"].append(timed(run_jax, a.steps))
       times["torch"].append(timed(run_torch, a.steps))
     tj, tt = statistics.median(times["jax"]), statistics.median(times["torch"])
-    print(f"| {name} | {tj:.2f} | {tt:.2f} | {flops / tj / 1e6:.1f} | {flops / tt / 1e6:.1f} | {tj / tt:.2f}x |")
+    print(f"| {name} | {tj:.2f} | {tt:.2f} | {flops / tj / 1e6:.3g} | {flops / tt / 1e6:.3g} | {tj / tt:.2f}x |")
   print(f"max |jax - torch| over both products: {diff:.2e}")
   whole_attention(a, torch, rng)
 
