@@ -8,6 +8,7 @@ import sys
 import jax
 
 from tpp_jax import hugepages
+from tpp_jax.models import cpu_attention
 
 from conftest import ROOT
 
@@ -136,12 +137,18 @@ def test_attention_products_times_both_frameworks_on_equal_results():
   assert [row.split("(")[1].split(")")[0] for row in rows] == ["4 x 17x8 . 8x17", "4 x 17x17 . 17x8"]
   for row in rows:
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert all(float(c) > 0 for c in cells[1:5]) and cells[5].endswith("x"), row
+    # ms to 2 decimals (a fast machine may print 0.00 for these tiny shapes), GFLOP/s to 3 significant digits
+    assert all(float(c) >= 0 for c in cells[1:3]) and all(float(c) > 0 for c in cells[3:5]), row
+    assert cells[5].endswith("x"), row
   diff = float(re.search(r"max \|jax - torch\| over both products: (\S+)", r.stdout).group(1))
   assert diff < 1e-4, r.stdout
   passes = [line for line in r.stdout.splitlines() if line.startswith(("| forward", "| forward + backward"))]
-  assert len(passes) == 2 and all(float(c) > 0 for p in passes for c in p.strip("|").split("|")[1:4]), r.stdout
-  for name in ("kernel", "XLA"):  # the kernel and XLA's attention against torch's SDPA: output and gradients
+  kernel = cpu_attention.build() is None  # n/a in the kernel's column where it cannot be built
+  assert len(passes) == 2, r.stdout
+  for row in passes:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert (float(cells[1]) >= 0 if kernel else cells[1] == "n/a") and float(cells[2]) >= 0 and float(cells[3]) >= 0
+  for name in ("kernel", "XLA")[0 if kernel else 1:]:  # against torch's SDPA: the output and the gradients
     found = re.search(rf"max \|{name} - torch\| over the output and the three gradients: (\S+)", r.stdout)
     diff = float(found.group(1))
     assert diff < 1e-4, r.stdout
