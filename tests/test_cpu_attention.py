@@ -105,6 +105,9 @@ def test_a_failing_compiler_is_a_reason_and_auto_falls_back_with_one_warning(tmp
   assert reason is not None and "failed" in reason and not list(tmp_path.iterdir())
   monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
   assert cpu_attention.build.__wrapped__() == "TPP_CPU_ATTENTION=0"
+  monkeypatch.setenv(cpu_attention.ENV_SWITCH, "off")
+  with pytest.raises(ValueError, match="TPP_CPU_ATTENTION='off': set it to 0"):
+    cpu_attention.build.__wrapped__()
 
   monkeypatch.setattr(cpu_attention, "build", lambda: "RuntimeError: c++ failed")
   monkeypatch.setattr(attention_lib, "_WARNED", set())

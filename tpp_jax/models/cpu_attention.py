@@ -31,7 +31,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
-ENV_SWITCH = "TPP_CPU_ATTENTION"  # 0 = never build / use the kernel
+ENV_SWITCH = "TPP_CPU_ATTENTION"  # 0 = never build / use the kernel; 1 (default) = use it where it builds
 CACHE_ENV = "TPP_KERNEL_CACHE"
 FORWARD_TARGET, BACKWARD_TARGET = "tpp_cpu_attention_forward", "tpp_cpu_attention_backward"
 _REGISTERED: list = []  # the loaded library whose handlers XLA runs
@@ -80,7 +80,10 @@ def _compile(target: Path) -> None:
 @functools.cache
 def build() -> str | None:
   """Compile (once per machine) and register the kernel; None when it is ready, else why it cannot run here."""
-  if os.environ.get(ENV_SWITCH, "1") == "0":
+  switch = os.environ.get(ENV_SWITCH, "1").strip()
+  if switch not in ("0", "1"):
+    raise ValueError(f"{ENV_SWITCH}={switch!r}: set it to 0 (XLA's attention on CPU) or 1 (the C++ kernel; default).")
+  if switch == "0":
     return f"{ENV_SWITCH}=0"
   if platform.machine().lower() not in ("x86_64", "amd64"):
     return f"the kernel is written for x86-64 AVX2, not {platform.machine()}"
