@@ -37,7 +37,10 @@ glibc >= 2.35; tpp_jax/hugepages.py), so both frameworks' rows run with it; TPP_
 
 When PyTorch is importable the last line is
   ratio tpp_jax/pytorch: finetune X.XXx, mae X.XXx
-(tpp_jax images/s / transformers+peft eager images/s, same shapes).
+(tpp_jax images/s / transformers+peft eager images/s, same shapes). With --pairs N (the default on CPU: 5) it comes
+from N pairs, each tpp_jax and torch eager timed one right after the other (--steps steps each, the order alternating
+from pair to pair), as the median of the N per-pair ratios: a shared machine's speed drifts over the minutes the
+table's rows take one after another, and that drift moved the table's ratio by +-0.2 between runs on the same code.
 """
 from __future__ import annotations
 
@@ -546,6 +549,8 @@ def parse_args(argv=None):
                   help="tpp_jax's model.frozen_dtype (auto: frozen weight matrices stored in bf16 when computing in "
                        "bf16, as the engine does)")
   ap.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
+  ap.add_argument("--pairs", type=int, help="the ratio line from N pairs of tpp_jax and torch eager timed in turn "
+                  "(default: 5 on CPU; 0 = from the table's rows, the default on GPU / TPU)")
   ap.add_argument("--threads", type=int, help="torch.set_num_threads(N) (XLA:CPU always uses every core)")
   ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: built-in table)")
   ap.add_argument("--cpu-devices", type=int, default=0,
@@ -557,7 +562,22 @@ def parse_args(argv=None):
     if jax.default_backend() != "cpu":
       ap.error("--cpu-devices is for a CPU run (JAX sees an accelerator)")
   a.size = a.size or ("small" if jax.default_backend() == "cpu" else "full")
+  if a.pairs is None:
+    a.pairs = 5 if jax.default_backend() == "cpu" else 0
   return a
+
+
+def paired_ratio(jax_step: Step, torch_step: Step, pairs: int, steps: int, warmup: int) -> tuple[float, list[float]]:
+  """The median over `pairs` of (torch seconds / tpp_jax seconds) per step, each pair's two timings of `steps` steps
+  taken one right after the other, tpp_jax first in even pairs and torch first in odd ones; and the pair ratios."""
+  for step in (jax_step, torch_step):
+    time_step(step, 1, 1, warmup)
+  ratios = []
+  for i in range(pairs):
+    order = (jax_step, torch_step) if i % 2 == 0 else (torch_step, jax_step)
+    t = {id(step): time_step(step, steps, 1, 0) for step in order}
+    ratios.append(t[id(torch_step)] / t[id(jax_step)])
+  return statistics.median(ratios), ratios
 
 
 def load_average() -> str:
@@ -601,6 +621,7 @@ def main(argv=None):
     mesh = Mesh(jax.devices(), ("data",))
   kinds = (a.only,) if a.only else ("finetune", "mae")
   jax_steps = {k: (jax_finetune if k == "finetune" else jax_tpp)(s, mesh) for k in kinds}
+  compiled = dict(jax_steps)  # the rows take their step from jax_steps; the pairs start theirs again from here
   flops = {"finetune": finetune_step_flops(s.vit), "mae": tpp_step_flops(s)}
   xla = {k: (jax_steps[k].flops / s.batch if k in jax_steps and jax_steps[k].flops else None)
          for k in ("finetune", "mae")}
@@ -652,7 +673,18 @@ def main(argv=None):
         "and torch shows –.")
   print("opt state / trainable: optimizer-state bytes / trainable-parameter bytes (AdamW: m and v, 2.00 in fp32).")
   if mods and device:
-    ratio = lambda kind: f"{ips[(kind, 'jax')] / ips[(kind, 'eager')]:.2f}x" if kind in kinds else "–"
+    ratios = {k: ips[(k, "jax")] / ips[(k, "eager")] for k in kinds}
+    if a.pairs > 0:
+      steps = f"{a.steps} step{'s' if a.steps > 1 else ''}"
+      print(f"\npaired: tpp_jax and transformers+peft eager timed in turn, {a.pairs} pairs of {steps} "
+            "(torch ms / tpp_jax ms per pair; the ratio below is their median):")
+      for kind in kinds:
+        build = torch_finetune if kind == "finetune" else torch_tpp
+        ratios[kind], each = paired_ratio(compiled[kind].start(peak_seen), build(s, device, dtype, False).start(),
+                                          a.pairs, a.steps, a.warmup)
+        print(f"  {kind}: " + " ".join(f"{r:.2f}" for r in each))
+        free_torch()
+    ratio = lambda kind: f"{ratios[kind]:.2f}x" if kind in kinds else "–"
     print(f"ratio tpp_jax/pytorch: finetune {ratio('finetune')}, mae {ratio('mae')}")
 
 

@@ -13,7 +13,7 @@ from tpp_jax.models import cpu_attention
 from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "step_speed.py"
-RATIO_RE = r"ratio tpp_jax/pytorch: finetune \d+\.\d\dx, mae \d+\.\d\dx"
+RATIO_RE = r"ratio tpp_jax/pytorch: finetune (\d+\.\d\d)x, mae (\d+\.\d\d)x"
 
 
 def load_step_speed():
@@ -32,8 +32,8 @@ def test_step_speed_table_and_flops():
   drop = ("XLA_FLAGS", "GLIBC_TUNABLES", "TPP_HUGEPAGES_REEXEC")
   env = {k: v for k, v in os.environ.items() if k not in drop}  # one CPU device, as a plain run
   r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--repeats", "1", "--warmup", "1",
-                      "--no-compile"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                     text=True, timeout=300)
+                      "--no-compile", "--pairs", "3"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
+                     capture_output=True, text=True, timeout=300)
   out = r.stdout
   assert r.returncode == 0, (out + r.stderr)[-3000:]
   rows = {l.split("|")[1].strip(): l for l in out.splitlines() if l.startswith("| ")}
@@ -48,6 +48,13 @@ def test_step_speed_table_and_flops():
     assert "LoRA fine-tune, transformers+peft (eager)" in rows and "TPP MAE+LoRA, transformers+peft (eager)" in rows
     assert not any("torch.compile" in name for name in rows), out  # --no-compile
     assert re.fullmatch(RATIO_RE, out.strip().splitlines()[-1]), out[-500:]
+    # the ratio is the median of 3 pairs of tpp_jax and torch eager timed in turn (torch ms / tpp_jax ms per pair)
+    pairs = {l.split(":")[0].strip(): [float(x) for x in l.split(":")[1].split()]
+             for l in out.split("\npaired:")[1].splitlines()[1:] if l.startswith("  ")}
+    assert set(pairs) == {"finetune", "mae"} and all(len(v) == 3 and min(v) > 0 for v in pairs.values()), out[-800:]
+    final = re.fullmatch(RATIO_RE, out.strip().splitlines()[-1])
+    for kind, got in zip(("finetune", "mae"), final.groups()):
+      assert abs(float(got) - sorted(pairs[kind])[1]) <= 0.011, (kind, got, pairs)
   else:
     assert "ratio" not in out
 
