@@ -138,6 +138,22 @@ def test_cli_finetune_with_the_kernel_equals_xla_attention(tmp_path):
         assert finals["cpu_kernel"][split][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (split, name)
 
 
+def test_cli_kernel_steps_are_found_in_the_persistent_cache_by_the_next_process(tmp_path):
+  """The kernel's steps carry a pointer to its partitioning callbacks, which JAX hashes into the persistent cache's
+  key unless told not to (tpp_jax/xla.py cache_across_processes): a second CLI process with the same cache dir
+  compiles nothing new. (JAX's own default, set here, is to hash it: then the second run wrote 2 new entries.)"""
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY": "false"}
+  entries, finals = [], []
+  for run in ("first", "second"):
+    r = run_cli(SMOKE_CLI + ["--workdir", str(tmp_path / run), "--config.stage=finetune", "--config.steps=2"], env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    entries.append(sorted(p.name for p in (tmp_path / "xla_cache").iterdir()))
+    finals.append(json.loads((tmp_path / run / "summary.json").read_text())["final"])
+  assert entries[0] and entries[1] == entries[0]
+  assert finals[1] == finals[0]
+
+
 def test_cli_cpu_kernel_where_it_cannot_run_is_one_error_naming_why(tmp_path):
   r = run_cli(SMOKE_CLI + ["--workdir", str(tmp_path / "run"), "--config.stage=finetune", "--config.steps=2",
                            "--config.model.attention=cpu_kernel"], env={"TPP_CPU_ATTENTION": "0"})

@@ -105,3 +105,30 @@ def test_vit_b16_parameter_table():
   assert rows["vpt"]["target"] == 10 * 768
   # q,k,v,o + fc1 + fc2 + norm1/norm2 biases per block, + patch-embed and final-norm biases
   assert rows["bitfit"]["target"] == 12 * (4 * 768 + 3072 + 768 + 2 * 768) + 768 + 768
+
+
+_UPDATE_HLO = """
+import hashlib, jax, jax.numpy as jnp, optax
+from tpp_jax import partition
+params = {"backbone": {"w": jnp.ones((4, 4))}, "lora": {"a": jnp.ones((4, 2))}, "head": {"w": jnp.ones((4, 3))}}
+labels = {"backbone": {"w": "frozen"}, "lora": {"a": "target"}, "head": {"w": "head"}}
+tx = partition.make_optimizer(labels, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)))
+hlo = jax.jit(tx.update).lower(params, tx.init(params), params).as_text(debug_info=False)
+print(hashlib.sha256(hlo.encode()).hexdigest())
+"""
+
+
+def test_the_optimizer_step_is_the_same_program_in_every_process():
+  """make_optimizer's groups are traced in a fixed order, not a set's: the string hash seed changes from process to
+  process, and with the groups in set order two runs of one command compiled different steps (last bits of the
+  losses apart; tests/test_workdir.py's exact-resume check failed on it)."""
+  import os
+  import subprocess
+  import sys
+  hashes = set()
+  for seed in range(6):
+    env = {**os.environ, "PYTHONHASHSEED": str(seed), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", _UPDATE_HLO], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    hashes.add(r.stdout.strip().splitlines()[-1])
+  assert len(hashes) == 1, hashes

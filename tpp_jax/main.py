@@ -43,6 +43,7 @@ def main(argv):
       _fail("--config is required, e.g. --config configs/default.py")
     from tpp_jax import xla
     xla.use_cpu_devices(batch_sizes(cfg))  # TPP_CPU_DEVICES, before JAX starts its backends
+    xla.cache_across_processes()
     if jax_distributed_requested(cfg):
       import jax
       jax.distributed.initialize(**distributed_init_args())

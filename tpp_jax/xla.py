@@ -37,6 +37,17 @@ def compiler_options() -> dict | None:
   return options
 
 
+def cache_across_processes() -> None:
+  """Let JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, when set) find this process's programs again
+  from another process. A program with the fused CPU attention kernel (tpp_jax/models/cpu_attention.py) holds a
+  pointer to the kernel's Python partitioning callbacks, and JAX hashes that pointer into the cache key unless told
+  not to: every new process then compiled those steps again. For the CLI's own process only, which runs tpp_jax's
+  programs alone: there the callbacks are fixed functions of the program's shapes and shardings, so a program with
+  the same HLO partitions the same way (JAX keeps the pointer in the key for processes that may hold other
+  callbacks)."""
+  jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
+
+
 def jit(fn, **kwargs):
   """jax.jit with this backend's compiler_options()."""
   options = compiler_options()
