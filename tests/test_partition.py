@@ -120,8 +120,8 @@ print(hashlib.sha256(hlo.encode()).hexdigest())
 
 def test_the_optimizer_step_is_the_same_program_in_every_process():
   """make_optimizer's groups are traced in a fixed order, not a set's: the string hash seed changes from process to
-  process, and with the groups in set order two runs of one command compiled different steps (last bits of the
-  losses apart; tests/test_workdir.py's exact-resume check failed on it)."""
+  process, and with the groups in set order two CLI runs of one command compiled two different train steps (the same
+  ops in another order)."""
   import os
   import subprocess
   import sys

@@ -59,8 +59,8 @@ def make_optimizer(labels, tx_trainable: optax.GradientTransformation) -> optax.
   """One optimizer for every trainable label, set_to_zero for frozen (no state for frozen leaves)."""
   present = set(jax.tree_util.tree_leaves(labels))
   # in LABELS' order, not the set's: a set of strings iterates in an order that changes from process to process
-  # (PYTHONHASHSEED), and with it the order multi_transform traces its groups -- the step's HLO then differed between
-  # two runs of one command (XLA fused it differently: the last bits of the losses moved, and no compile cache hit)
+  # (PYTHONHASHSEED), and with it the order multi_transform traces its groups -- the train step's HLO then differed
+  # between two runs of one command (its ops in another order: another program for XLA, no compile-cache hit)
   transforms = {lab: (optax.set_to_zero() if lab == "frozen" else tx_trainable) for lab in LABELS if lab in present}
   return optax.multi_transform(transforms, labels)
 
