@@ -105,11 +105,17 @@ WRITERS = {"hf_vit": _hf_vit, "hf_vit_mae": _hf_vit_mae, "hf_dinov2": _hf_dinov2
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_compile():
-  """Tiny models and 2 steps: XLA's optimisation passes cost more than they save here (the checks compare weights)."""
+  """Tiny models and 2 steps: XLA's optimisation passes cost more than they save here (the checks compare weights).
+
+  JAX's in-memory compilation cache does not key on this flag: a program compiled here would serve every later test
+  in this process that compiles the same program, unoptimised (a 6-step demo run after this module ended with an eval
+  loss 9e-10 off, seen in tests/test_workdir.py under pytest-xdist). So the caches are cleared on the way out."""
   old = jax.config.read("jax_disable_most_optimizations")
+  jax.clear_caches()
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+  jax.clear_caches()
 
 
 @pytest.fixture(scope="module")

@@ -40,9 +40,7 @@ def _steps(folder):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   """An uninterrupted RUN_ARG run through the CLI, as the runs it is compared with: the reference of the
-  interruption tests (not modified by them). (Run inside a pytest-xdist worker after other test files, the same run
-  in-process ended 9e-10 away in its eval losses, twice, in the same way; tpp_jax's own runs in one process -- after
-  DINO, real-data and XLA-attention runs -- agree bit for bit, so some test leaves process state behind.)"""
+  interruption tests (not modified by them)."""
   wd = tmp_path_factory.mktemp("finished") / "run"
   r = run_cli(["--config", f"configs/experiment.py:{RUN_ARG}", "--workdir", str(wd)])
   assert r.returncode == 0, r.stderr[-2000:]
