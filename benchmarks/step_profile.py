@@ -120,7 +120,9 @@ def main(argv=None):
       total[group_of(name, names[name])] += e.get("dur", 0) / 1e3 / a.steps
   busy = sum(total.values())
   print(f"{a.row} step, {s.vit.image_size} px, batch {s.batch}, jax {jax.__version__} on {jax.devices()[0].platform}; "
-        f"wall {wall * 1e3:.1f} ms/step under the profiler; traced ops {busy:.1f} ms/step; glibc huge pages "
+        f"wall {wall * 1e3:.1f} ms/step under the profiler; traced ops {busy:.1f} ms/step"
+        + ("" if gpu else f" summed over XLA's threads ({busy / (wall * 1e3):.2f} cores busy on average)")
+        + "; glibc huge pages "
         f"{'on' if hugepages.active() else 'off'}")
   print("| group | ms/step | share |\n|---|---:|---:|")
   for g in GROUPS:

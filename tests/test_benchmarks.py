@@ -94,6 +94,9 @@ def test_step_profile_groups_the_traced_ops_through_its_cli():
   assert len(rows) == 7, r.stdout
   assert 95 <= sum(share for _, share in rows.values()) <= 105
   assert rows["matmul: q/k/v/o, MLP, LoRA, head"][0] > 0 and rows["attention: QK^T, softmax, AV"][0] > 0
+  m = re.search(r"wall ([\d.]+) ms/step .* traced ops ([\d.]+) ms/step summed over XLA's threads \(([\d.]+) cores",
+                r.stdout)
+  assert m and abs(float(m.group(2)) / float(m.group(1)) - float(m.group(3))) < 0.05, r.stdout[:600]
 
 
 def test_step_profile_groups_gpu_kernels_by_their_xla_ops():
