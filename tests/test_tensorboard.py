@@ -7,8 +7,11 @@ masked CRC-32C; checked with tensorboardX's own CRC) and tensorboardX's Event pr
 import io
 import pathlib
 import struct
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tpp_jax import engine
@@ -108,3 +111,21 @@ def test_classification_run_writes_scalars_only(tmp_path):
   events = read_events(tmp_path / "lin")
   assert not summaries(events, "image")
   assert ("val/accuracy", 2) in summaries(events, "simple_value")
+
+
+def test_event_files_are_written_without_importing_torch(tmp_path):
+  """tensorboardX's writer imports torch whenever it is installed (seconds at every run's start); the run's logger
+  loads it without torch, and torch stays importable afterwards in that process."""
+  pytest.importorskip("torch")
+  code = (
+      "import sys, pathlib\n"
+      "from tpp_jax.logging_utils import MetricsLogger\n"
+      f"m = MetricsLogger(pathlib.Path({str(tmp_path)!r}), 'finetune')\n"
+      "m.log(3, 'train', {'loss': 0.25})\n"
+      "m.close()\n"
+      "assert 'torch' not in sys.modules, 'torch was imported'\n"
+      "import torch\n"
+      "print(torch.ones(2).sum().item())\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and r.stdout.strip() == "2.0", r.stderr[-2000:]
+  assert summaries(read_events(tmp_path), "simple_value") == {("train/loss", 3): 0.25}

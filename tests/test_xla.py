@@ -39,7 +39,13 @@ def _summary_devices(tmp_path, env, extra=()):
 
 
 def test_cli_trains_on_the_cpu_devices_asked_for(tmp_path):
-  assert _summary_devices(tmp_path / "a", {"TPP_CPU_DEVICES": "2"}) == 2
+  # with Python's import log on: a CLI run never imports torch (tensorboardX would: logging_utils.summary_writer_class)
+  env = {"TPP_CPU_DEVICES": "2", "PYTHONPROFILEIMPORTTIME": "1"}
+  wd = tmp_path / "a" / "run"
+  r = run_cli(SMOKE_CLI + ["--workdir", str(wd), "--config.steps=2"], env={"XLA_FLAGS": "", **env})
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  assert "| tensorboardX" in r.stderr and not [l for l in r.stderr.splitlines() if l.endswith("| torch")]
+  assert json.loads((wd / "summary.json").read_text())["devices"] == 2
   assert _summary_devices(tmp_path / "b", {}) == 1  # unset: XLA's one CPU device
 
 

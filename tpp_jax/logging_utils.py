@@ -9,6 +9,21 @@ import sys
 from tqdm.auto import tqdm
 
 
+def summary_writer_class():
+  """tensorboardX.SummaryWriter, imported without torch: tensorboardX's writer imports torch whenever it is installed,
+  only to accept torch tensors (2-5 s of every run's start here); the numbers logged here are floats. Where torch is
+  already imported, nothing is hidden."""
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsLogger:
   """Appends `{"step", "stage", "split", ...}` lines to metrics.jsonl and mirrors scalars to TensorBoard."""
 
@@ -19,7 +34,7 @@ class MetricsLogger:
     self.tb = None
     if enabled:
       try:
-        from tensorboardX import SummaryWriter
+        SummaryWriter = summary_writer_class()
         self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=purge_step)
       except ImportError:  # optional
         self.tb = None
