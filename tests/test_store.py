@@ -92,3 +92,50 @@ def test_checksums_cover_every_file_of_a_step(tmp_path):
   assert store.damage(step) is None
   (step / "meta" / "metadata").write_text('{"data_iter": "edited"}')
   assert "meta/metadata" in store.damage(step)
+
+
+def test_one_host_saves_replicated_arrays_whole_and_reads_orbax_default_checkpoints(tmp_path):
+  """store.save_replicated_arrays_whole: orbax's replica-parallel saving (its default off GPU) is turned off on one
+  host; a checkpoint saved either way restores to the same arrays through the other; a user's own handler is kept."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  rep = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+  rng = np.random.default_rng(0)
+  state = {"w": jax.device_put(rng.normal(size=(64, 48)).astype(np.float32), rep),
+           "b": jax.device_put(rng.normal(size=(48,)).astype(np.float32), rep), "step": jax.device_put(np.int32(3), rep)}
+  assert len(jax.devices()) == 8 and state["w"].is_fully_replicated
+
+  def save(wd, handler):
+    s = store.CheckpointStore(wd)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    s.save(3, state, {"k": 1})
+    s.close()
+
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, default, override=True)
+    s = store.CheckpointStore(tmp_path / "probe")
+    whole = ocp.type_handlers.get_type_handler(jax.Array)
+    s.close()
+    assert default._use_replica_parallel and not whole._use_replica_parallel  # orbax's default here; now off
+    save(tmp_path / "default", default)
+    save(tmp_path / "whole", whole)
+    for saved_with, restore_with in (("default", whole), ("whole", default), ("whole", whole)):
+      ocp.type_handlers.register_type_handler(jax.Array, restore_with, override=True)
+      s = store.CheckpointStore(tmp_path / saved_with)
+      got, meta = s.restore(state)
+      s.close()
+      assert meta == {"k": 1}
+      for k in ("w", "b", "step"):
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(state[k]))
+        assert got[k].sharding.is_equivalent_to(rep, 2)
+    # a handler of the user's own class is left alone
+    ocp.type_handlers.register_type_handler(jax.Array, type("MyHandler", (ocp.type_handlers.ArrayHandler,), {})(),
+                                            override=True)
+    store.CheckpointStore(tmp_path / "mine").close()
+    assert type(ocp.type_handlers.get_type_handler(jax.Array)).__name__ == "MyHandler"
+  finally:
+    ocp.type_handlers.register_type_handler(jax.Array, default, override=True)
