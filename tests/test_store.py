@@ -102,11 +102,13 @@ def test_one_host_saves_replicated_arrays_whole_and_reads_orbax_default_checkpoi
   import orbax.checkpoint as ocp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-  default = ocp.type_handlers.get_type_handler(jax.Array)
+  registered = ocp.type_handlers.get_type_handler(jax.Array)  # put back at the end
+  default = ocp.type_handlers.ArrayHandler()  # orbax's default (a store opened earlier in this process replaced it)
   rep = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
   rng = np.random.default_rng(0)
   state = {"w": jax.device_put(rng.normal(size=(64, 48)).astype(np.float32), rep),
-           "b": jax.device_put(rng.normal(size=(48,)).astype(np.float32), rep), "step": jax.device_put(np.int32(3), rep)}
+           "b": jax.device_put(rng.normal(size=(48,)).astype(np.float32), rep),
+           "step": jax.device_put(np.int32(3), rep)}
   assert len(jax.devices()) == 8 and state["w"].is_fully_replicated
 
   def save(wd, handler):
@@ -138,4 +140,4 @@ def test_one_host_saves_replicated_arrays_whole_and_reads_orbax_default_checkpoi
     store.CheckpointStore(tmp_path / "mine").close()
     assert type(ocp.type_handlers.get_type_handler(jax.Array)).__name__ == "MyHandler"
   finally:
-    ocp.type_handlers.register_type_handler(jax.Array, default, override=True)
+    ocp.type_handlers.register_type_handler(jax.Array, registered, override=True)
