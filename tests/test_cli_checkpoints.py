@@ -109,7 +109,8 @@ def fast_compile():
 
   JAX's in-memory compilation cache does not key on this flag: a program compiled here would serve every later test
   in this process that compiles the same program, unoptimised (a 6-step demo run after this module ended with an eval
-  loss 9e-10 off, seen in tests/test_workdir.py under pytest-xdist). So the caches are cleared on the way out."""
+  loss 9e-10 off, seen in tests/test_workdir.py under pytest-xdist). So the caches are cleared on the way in and on
+  the way out."""
   old = jax.config.read("jax_disable_most_optimizations")
   jax.clear_caches()
   jax.config.update("jax_disable_most_optimizations", True)
