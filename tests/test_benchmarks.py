@@ -1,4 +1,5 @@
-"""benchmarks/step_speed.py: the side-by-side step table runs end to end, and its analytic FLOP counts are right."""
+"""benchmarks/: the side-by-side step table runs end to end, its analytic FLOP counts are right, and the other
+benchmarks (profile, attention products, checkpoint saves) run through their CLIs."""
 import importlib.util
 import os
 import re
@@ -162,3 +163,15 @@ def test_attention_products_times_both_frameworks_on_equal_results():
     found = re.search(rf"max \|{name} - torch\| over the output and the three gradients: (\S+)", r.stdout)
     diff = float(found.group(1))
     assert diff < 1e-4, r.stdout
+
+
+def test_checkpoint_save_times_both_handlers_and_restores_the_same_arrays():
+  r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_save.py"), "--pairs", "1", "--devices",
+                      "2"], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.strip().splitlines()
+  assert "185 arrays" in lines[0] and "replicated over 2 devices" in lines[0], r.stdout  # the demo fine-tune state
+  assert "restored the same arrays: True" in lines
+  m = re.fullmatch(r"save s: whole (\d+\.\d\d), orbax default (\d+\.\d\d)", lines[-1])
+  assert m and all(float(x) > 0 for x in m.groups()), r.stdout
