@@ -116,9 +116,9 @@ def save_replicated_arrays_whole():
 
   orbax's default off GPU ("replica-parallel" saving, made for many hosts) cuts every replicated array into one slice
   per device, each sliced on the device by a small compiled program, and writes the slices. On one host that only
-  adds work: a save of the demo's state (~300 arrays replicated over 8 CPU devices) took ~4.5 s, ~2 s whole
-  (benchmarks/checkpoint_save.py). The files read back the same either way. Several hosts keep orbax's default;
-  a jax.Array handler registered by the user is kept.
+  adds work: a save of the demo fine-tune state (185 arrays, 10.8 MiB, replicated over 8 CPU devices) took
+  1.9-2.1 s, 0.85-1.05 s whole (benchmarks/checkpoint_save.py). The files read back the same either way.
+  Several hosts keep orbax's default; a jax.Array handler registered by the user is kept.
   """
   current = ocp.type_handlers.get_type_handler(jax.Array)
   if jax.process_count() > 1 or type(current) is not ocp.type_handlers.ArrayHandler:
