@@ -31,21 +31,21 @@ def test_batch_sizes_of_a_pipeline_include_its_tpp_batch():
   assert 6 not in main.batch_sizes(load_config("experiment", "pneumonia,smoke,px32,pipeline.tpp_batch_size=6"))
 
 
-def _summary_devices(tmp_path, env, extra=()):
+def _summary_devices(tmp_path, env, extra=(), stderr=None):
+  """The device count in the summary of a 2-step CLI run (its stderr appended to the list `stderr`, if given)."""
   wd = tmp_path / "run"
   r = run_cli(SMOKE_CLI + ["--workdir", str(wd), "--config.steps=2", *extra], env={"XLA_FLAGS": "", **env})
   assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  if stderr is not None:
+    stderr.append(r.stderr)
   return json.loads((wd / "summary.json").read_text())["devices"]
 
 
 def test_cli_trains_on_the_cpu_devices_asked_for(tmp_path):
   # with Python's import log on: a CLI run never imports torch (tensorboardX would: logging_utils.summary_writer_class)
-  env = {"TPP_CPU_DEVICES": "2", "PYTHONPROFILEIMPORTTIME": "1"}
-  wd = tmp_path / "a" / "run"
-  r = run_cli(SMOKE_CLI + ["--workdir", str(wd), "--config.steps=2"], env={"XLA_FLAGS": "", **env})
-  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-  assert "| tensorboardX" in r.stderr and not [l for l in r.stderr.splitlines() if l.endswith("| torch")]
-  assert json.loads((wd / "summary.json").read_text())["devices"] == 2
+  err = []
+  assert _summary_devices(tmp_path / "a", {"TPP_CPU_DEVICES": "2", "PYTHONPROFILEIMPORTTIME": "1"}, stderr=err) == 2
+  assert "| tensorboardX" in err[0] and not [line for line in err[0].splitlines() if line.endswith("| torch")]
   assert _summary_devices(tmp_path / "b", {}) == 1  # unset: XLA's one CPU device
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 def summary_writer_class():
   """tensorboardX.SummaryWriter, imported without torch: tensorboardX's writer imports torch whenever it is installed,
-  only to accept torch tensors (2-5 s of every run's start here); the numbers logged here are floats. Where torch is
+  only to accept torch tensors (4-6 s of every run's start here); the numbers logged here are floats. Where torch is
   already imported, nothing is hidden."""
   if "torch" in sys.modules or "tensorboardX" in sys.modules:
     from tensorboardX import SummaryWriter
