@@ -16,16 +16,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _XLA_CACHE, True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# As the CLI does (tpp_jax/xla.py cache_across_processes): the steps with the CPU attention kernel, compiled here, are
-# found again by the CLI processes the tests start, and theirs by the next ones
-os.environ.setdefault("JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY", "true")
-
-# The fused CPU attention kernel (tpp_jax/models/cpu_attention.py) is compiled once for the session, not into ~/.cache
-if "TPP_KERNEL_CACHE" not in os.environ:
-  _KERNEL_CACHE = tempfile.mkdtemp(prefix="tpp_jax_tests_kernels_")
-  atexit.register(shutil.rmtree, _KERNEL_CACHE, True)
-  os.environ["TPP_KERNEL_CACHE"] = _KERNEL_CACHE
-
 import pathlib
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""tpp_jax/models/attention.py: CPU attention and the padded (even-length) call against torch's SDPA, and the
-once-per-shape check that guards cuDNN's padded attention on GPU."""
+"""tpp_jax/models/attention.py: 'auto' (XLA's attention off GPU) and the padded (even-length) call against torch's
+SDPA, and the once-per-shape check that guards cuDNN's padded attention on GPU."""
 import jax
 import jax.numpy as jnp
 import pytest
@@ -14,14 +14,8 @@ def check_against_torch(fn, t, seed):
 
 
 @pytest.mark.parametrize("t", [18, 65])  # MAE's visible tokens, the demo's full sequence
-def test_cpu_attention_values_and_gradients_match_torch_sdpa(t):
+def test_auto_attention_on_cpu_values_and_gradients_match_torch_sdpa(t):
   check_against_torch(lambda q, k, v: attention_lib.attention(q, k, v, "auto"), t, seed=t)
-
-
-@pytest.mark.parametrize("t", [18, 65])
-def test_heads_major_attention_the_cpu_fallback_matches_torch_sdpa(t):
-  """What 'auto' runs on CPU where the C++ kernel cannot (models/cpu_attention.py: no compiler, no AVX2, bf16)."""
-  check_against_torch(attention_lib.heads_major_attention, t, seed=t)
 
 
 @pytest.mark.parametrize("t", [17, 197])  # odd: padded by one hidden token (ViT-B/16 at 224 px has 197)

@@ -136,7 +136,7 @@ def test_remat_keeps_parameters_outputs_and_gradients():
 def test_attention_auto_on_cpu_equals_xla_and_bad_choice_is_named():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   outs = []
-  for impl in ("auto", "xla"):  # auto: heads-major einsums on CPU, the same function as jax's XLA attention
+  for impl in ("auto", "xla"):  # auto on CPU: XLA's attention
     enc = ViT(ViTConfig.from_variant("Mu/8", depth=1, image_size=32, attention=impl))
     outs.append(enc.apply(enc.init(jax.random.key(1), x), x)["tokens"])
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)

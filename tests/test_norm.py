@@ -1,36 +1,24 @@
-"""tpp_jax/models/norm.py: the written-out LayerNorm backward equals PyTorch's LayerNorm, values and gradients."""
+"""tpp_jax/models/peft.py Norm: LayerNorm (+ SSF) equal to PyTorch's and flax's, values and gradients, and forward-mode
+differentiation (jax.jvp / jax.jacfwd) through the whole ViT with every PEFT type."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from tpp_jax.models.norm import layer_norm
-from tpp_jax.models.peft import Norm, PeftConfig
+from tpp_jax.models.peft import PEFT_TYPES, Norm, PeftConfig
+from tpp_jax.models.vit import ViT, ViTConfig
 
 
-def _torch_layer_norm_grads(x, scale, bias, dy, eps):
-  tx, ts, tb = (torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (x, scale, bias))
-  y = torch.nn.functional.layer_norm(tx, (x.shape[-1],), ts, tb, eps)
-  y.backward(torch.tensor(np.asarray(dy, np.float64)))
-  return y.detach().numpy(), tx.grad.numpy(), ts.grad.numpy(), tb.grad.numpy()
-
-
-@pytest.mark.parametrize("shape", [(4, 65, 192), (7, 48)])
-def test_layer_norm_values_and_gradients_match_torch(shape):
-  rng = np.random.default_rng(0)
-  x = (rng.standard_normal(shape) * 3 + 1.5).astype(np.float32)  # off-centre, as residual streams are
-  scale = rng.standard_normal(shape[-1]).astype(np.float32)
-  bias = rng.standard_normal(shape[-1]).astype(np.float32)
-  dy = rng.standard_normal(shape).astype(np.float32)
-  eps = 1e-6
-  y, vjp = jax.vjp(lambda *a: layer_norm(*a, eps), jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
-  dx, dscale, dbias = vjp(jnp.asarray(dy))
-  ty, tdx, tds, tdb = _torch_layer_norm_grads(x, scale, bias, dy, eps)
-  np.testing.assert_allclose(y, ty, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dx, tdx, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(dscale, tds, rtol=1e-4, atol=1e-3)
-  np.testing.assert_allclose(dbias, tdb, rtol=1e-4, atol=1e-3)
+def test_norm_matches_flax_layer_norm():
+  """Same function as flax's nn.LayerNorm with the two-pass variance (what torch computes)."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 65, 24)) * 3 + 1.5, jnp.float32)
+  params = Norm(1e-6).init(jax.random.key(0), x)["params"]
+  params = {"scale": params["scale"] + 0.3, "bias": params["bias"] - 0.2}
+  ours = Norm(1e-6).apply({"params": params}, x)
+  ref = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False).apply({"params": params}, x)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_norm_module_gradients_match_torch_with_ssf_and_under_jit():
@@ -58,17 +46,20 @@ def test_norm_module_gradients_match_torch_with_ssf_and_under_jit():
     np.testing.assert_allclose(dp[k], t[k].grad.numpy(), rtol=1e-4, atol=1e-4, err_msg=k)
 
 
-def test_layer_norm_second_order_gradient_matches_autodiff_of_the_formula():
-  """A gradient of a gradient (e.g. a gradient penalty) goes through the written-out backward."""
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 8)), jnp.float32)
-  s, b = jnp.linspace(0.5, 1.5, 8), jnp.linspace(-1, 1, 8)
-
-  def formula(x):
-    m = x.mean(-1, keepdims=True)
-    return (x - m) * jax.lax.rsqrt(jnp.square(x - m).mean(-1, keepdims=True) + 1e-6) * s + b
-
-  def penalty(f):
-    return lambda x: jnp.sum(jnp.square(jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)))
-
-  np.testing.assert_allclose(jax.grad(penalty(lambda x: layer_norm(x, s, b, 1e-6)))(x), jax.grad(penalty(formula))(x),
-                             rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("kind", PEFT_TYPES)
+def test_forward_mode_through_the_vit_with_every_peft_type(kind):
+  """jax.jvp through the ViT equals a central finite difference, and jax.jacfwd runs (forward mode everywhere)."""
+  cfg = ViTConfig.from_variant("Mu/8", image_size=16, depth=2)
+  peft = PeftConfig(type=kind, targets=("q", "v", "fc1"), num_prompts=2)
+  model = ViT(cfg, peft)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params = model.init(jax.random.key(1), x)["params"]
+  f = lambda x: model.apply({"params": params}, x)["tokens"]
+  dx = jax.random.normal(jax.random.key(2), x.shape)
+  _, tangent = jax.jvp(f, (x,), (dx,))
+  f64 = lambda x: np.asarray(f(x), np.float64)
+  h = 1e-2
+  finite = (f64(x + h * dx) - f64(x - h * dx)) / (2 * h)
+  np.testing.assert_allclose(tangent, finite, rtol=2e-2, atol=2e-2)
+  jac = jax.jacfwd(lambda x: f(x).sum(-1))(x[:1])
+  assert jac.shape == f(x[:1]).shape[:-1] + x[:1].shape and bool(jnp.isfinite(jac).all())

@@ -38,7 +38,7 @@ def base_config() -> mlc.ConfigDict:
   c.model = mlc.ConfigDict(dict(
       variant="Ti/16", image_size=224, channels=3, pooling="cls", pos_emb="learned",
       ln_eps=1e-6, layer_scale=False, drop_path=0.0, dropout=0.0, dtype="float32",
-      attention="auto",  # auto: cuDNN on GPU in bf16, the C++ kernel on CPU, else XLA | xla | cudnn | cpu_kernel
+      attention="auto",  # auto: cuDNN on GPU in bf16, else XLA | xla | cudnn
       remat=False,       # recompute block activations in the backward pass (large models, long sequences)
       frozen_dtype="auto"))  # auto: frozen weight matrices in bf16 when dtype is bf16 (engine.storage_dtypes) | float32
   # Backbone weights: path to a .pth / .safetensors / .npz (format auto-detected), or a tpp_jax
@@ -244,7 +244,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice("init.format", c.init.format, INIT_FORMATS)
   _choice("model.pooling", c.model.pooling, ("cls", "gap"))
   _choice("model.dtype", c.model.dtype, ("float32", "bfloat16"))
-  _choice("model.attention", c.model.attention, ("auto", "xla", "cudnn", "cpu_kernel"))
+  _choice("model.attention", c.model.attention, ("auto", "xla", "cudnn"))
   _choice("model.frozen_dtype", c.model.frozen_dtype, ("auto", "float32"))
   if c.data.image_size != c.model.image_size:
     raise ConfigError(f"data.image_size={c.data.image_size} differs from model.image_size={c.model.image_size}; "

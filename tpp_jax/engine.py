@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpp_jax import config as config_lib
-from tpp_jax import hugepages, partition, xla
+from tpp_jax import partition
 from tpp_jax import stages as stages_lib
 from tpp_jax import tree as tree_lib
 from tpp_jax import workdir as workdir_lib
@@ -242,9 +242,7 @@ def build(config, devices=None) -> Built:
   n_dev = mesh.devices.size
   for f in ("batch_size", "eval_batch_size"):
     if int(config[f]) % n_dev:
-      hint = " (on CPU, TPP_CPU_DEVICES sets that count; unset it for one device)" if os.environ.get(
-          "TPP_CPU_DEVICES") else ""
-      raise ConfigError(f"{f}={config[f]} must be a multiple of the device count ({n_dev}){hint}.")
+      raise ConfigError(f"{f}={config[f]} must be a multiple of the device count ({n_dev}).")
   encoder, objective = build_model(config)
   init_fn = param_init_fn(encoder, objective, dummy_batch(config))
   params, aux = jax.eval_shape(init_fn, jax.random.key(0))
@@ -310,9 +308,9 @@ def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels, augment
   def eval_step(params, aux, batch):
     return obj.eval_outputs(params, aux, batch)
 
-  return (xla.jit(train_step, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
+  return (jax.jit(train_step, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
                   donate_argnums=0),
-          xla.jit(eval_step, in_shardings=(state_sharding["params"], state_sharding["aux"], data)))
+          jax.jit(eval_step, in_shardings=(state_sharding["params"], state_sharding["aux"], data)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,7 +531,6 @@ class Trainer:
         "images_per_sec": images_per_sec, "wall_time_s": time.time() - t_start,
         "data": {"train_examples": len(self.sources["train"])},  # after max_train_examples / label_fraction
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-        "host_hugepages": hugepages.active(),  # GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (tpp_jax/hugepages.py)
     }
     if is_main:
       tmp = wd / "summary.json.tmp"  # written whole or not at all: a kill never leaves half a summary

@@ -16,7 +16,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tpp_jax import engine, stages, xla
+from tpp_jax import engine, stages
 from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
@@ -39,7 +39,7 @@ def evaluate_split(run: restore_lib.LoadedRun, source, mesh=None, batch_size: in
   bs = int(batch_size or run.config.eval_batch_size)
   bs = math.ceil(bs / n_dev) * n_dev
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  step = xla.jit(run.objective.eval_outputs, in_shardings=(repl, repl, data))
+  step = jax.jit(run.objective.eval_outputs, in_shardings=(repl, repl, data))
   params, aux = jax.device_put((run.params, run.aux), repl)
   acc = run.objective.accumulator()
   fn = data_transforms.make_transform(run.config.data, train=False)

@@ -41,9 +41,6 @@ def main(argv):
     cfg = _CONFIG.value
     if cfg is None:
       _fail("--config is required, e.g. --config configs/default.py")
-    from tpp_jax import xla
-    xla.use_cpu_devices(batch_sizes(cfg))  # TPP_CPU_DEVICES, before JAX starts its backends
-    xla.cache_across_processes()
     if jax_distributed_requested(cfg):
       import jax
       jax.distributed.initialize(**distributed_init_args())
@@ -58,14 +55,6 @@ def main(argv):
     if os.environ.get("TPP_DEBUG"):
       raise
     _fail(f"{type(e).__name__}: {e}  (set TPP_DEBUG=1 for the traceback)")
-
-
-def batch_sizes(cfg) -> tuple[int, ...]:
-  """Every batch size a run of this config splits over the devices (a pipeline's TPP arm has its own)."""
-  sizes = [cfg.get("batch_size", 0), cfg.get("eval_batch_size", 0)]
-  if cfg.get("stage") == "pipeline":
-    sizes.append(cfg.pipeline.get("tpp_batch_size", 0))
-  return tuple(int(s) for s in sizes if s)
 
 
 def jax_distributed_requested(cfg) -> bool:
@@ -153,11 +142,6 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 
 def entry():
   """The `tpp-jax` console command and `python -m tpp_jax.main`."""
-  from tpp_jax import hugepages
-  try:
-    hugepages.reexec_with_hugepages()  # glibc reads GLIBC_TUNABLES at start only: before anything else runs
-  except ValueError as e:
-    _fail(str(e))
   from tpp_jax.config import ConfigError
   try:
     sys.argv = resolve_config_argv(sys.argv)

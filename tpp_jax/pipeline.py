@@ -31,7 +31,7 @@ import weakref
 import jax
 import numpy as np
 
-from tpp_jax import engine, metrics, stages, xla
+from tpp_jax import engine, metrics, stages
 from tpp_jax import workdir as workdir_lib
 
 
@@ -405,7 +405,7 @@ _JITTED = weakref.WeakKeyDictionary()  # trainer -> {name: jitted fn}: figures a
 def _jitted(trainer, name: str, make):
   fns = _JITTED.setdefault(trainer, {})
   if name not in fns:
-    fns[name] = xla.jit(make())
+    fns[name] = jax.jit(make())
   return fns[name]
 
 

@@ -163,7 +163,6 @@ def make_predict_fn(run, mesh):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from tpp_jax import xla
   obj = run.objective
   if run.config.task.type == "segmentation":
     def fn(params, aux, images):
@@ -173,7 +172,7 @@ def make_predict_fn(run, mesh):
     def fn(params, aux, images):
       return jax.nn.softmax(obj.logits(params, aux, images, False)[0].astype(jnp.float32), axis=-1)
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return xla.jit(fn, in_shardings=(repl, repl, data), out_shardings=data)
+  return jax.jit(fn, in_shardings=(repl, repl, data), out_shardings=data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,9 +341,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from tpp_jax import hugepages
-  try:
-    hugepages.reexec_with_hugepages()  # as `python -m tpp_jax.main`: huge pages for XLA:CPU's per-batch buffers
-  except ValueError as e:
-    _fail(str(e))
   main()

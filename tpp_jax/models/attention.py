@@ -1,17 +1,13 @@
 """Softmax attention for the ViT and the MAE decoder: which implementation runs where.
 
 `attention(q, k, v, implementation)` takes (B, T, H, D) q, k, v. 'auto' (model.attention's default):
-  CPU   float32: the fused C++ kernel (models/cpu_attention.py, built once per machine for the host's AVX2); where it
-        cannot be built (no compiler, no AVX2, TPP_CPU_ATTENTION=0), or for other dtypes, heads-major einsums
-        (`heads_major_attention`): jax's XLA computation with the heads moved in front;
   GPU   cuDNN's fused (flash) attention for bf16 / fp16 inputs. cuDNN's training kernels refuse an odd token count
-        (ViT-B/16 at 224 px has 197 tokens: "Unsupported sequence length Q 197, KV 197", jax 0.11.2 on an H200), so
-        an odd T is padded by one token that a key/value length mask hides (`padded_attention`). That padded call is
-        checked once per shape and process against XLA's attention on random inputs, values and gradients
-        (`padded_check`): where it fails or differs, XLA's attention runs, with one warning;
-  else  jax.nn.dot_product_attention(implementation='xla').
-'xla' / 'cudnn' insist on jax's implementation of that name ('cudnn' pads an odd T as above, unchecked);
-'cpu_kernel' insists on the C++ kernel (an error naming why where it cannot run).
+        (ViT-B/16 at 224 px has 197 tokens), so an odd T is padded by one token that a key/value length mask hides
+        (`padded_attention`). That padded call is checked once per shape and process against XLA's attention on
+        random inputs, values and gradients (`padded_check`): where it fails or differs, XLA's attention runs, with
+        one warning;
+  else  jax.nn.dot_product_attention(implementation='xla') (CPU, TPU, fp32 on GPU).
+'xla' / 'cudnn' insist on jax's implementation of that name ('cudnn' pads an odd T as above, unchecked).
 """
 from __future__ import annotations
 
@@ -22,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpp_jax.models import cpu_attention
-
 _WARNED: set[str] = set()
 
 
@@ -31,18 +25,6 @@ def _warn_once(message: str) -> None:
   if message not in _WARNED:  # once per reason: a slower path should not go unnoticed, nor flood the log
     _WARNED.add(message)
     logging.warning(message)
-
-
-def heads_major_attention(q, k, v):
-  """jax.nn.dot_product_attention's XLA computation (logits scaled by 1/sqrt(D), softmax in fp32, cast back), with
-  q, k, v transposed to (B, H, T, D) first so that both products are plain batched matmuls. On XLA:CPU this runs
-  the LoRA fine-tune step of benchmarks/step_speed.py about 8 % faster than the (B, T, H, D) einsums, whose layout
-  copies XLA:CPU places around every product, forward and backward (README "Performance")."""
-  with jax.named_scope("dot_product_attention"):
-    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    logits = jnp.einsum("bhtd,bhsd->bhts", qh, kh) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3)
 
 
 def padded_attention(q, k, v, implementation: str):
@@ -94,22 +76,7 @@ def attention(q, k, v, implementation: str = "auto"):
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
   if implementation == "cudnn":
     return padded_attention(q, k, v, "cudnn")
-  if implementation == "cpu_kernel":
-    reason = cpu_attention.unavailable(q, k, v)
-    if reason is not None:
-      raise ValueError(f"model.attention='cpu_kernel' cannot run here: {reason}. Use model.attention='auto'.")
-    return cpu_attention.fused_attention(q, k, v)
   backend = jax.default_backend()
-  if backend == "cpu":
-    if q.dtype == jnp.float32:
-      reason = cpu_attention.unavailable(q, k, v)
-      if reason is None:
-        try:
-          return cpu_attention.fused_attention(q, k, v)
-        except NotImplementedError as e:  # jax.vmap of the model: custom_partitioning has no batching rule
-          reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-      _warn_once(f"model.attention=auto: the fused CPU attention kernel cannot run ({reason}); using XLA's.")
-    return heads_major_attention(q, k, v)
   if backend != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8:
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
   t, heads, head_dim = q.shape[1:]

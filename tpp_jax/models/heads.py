@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tpp_jax.models.activations import gelu
 from tpp_jax.models.linear import Dense
 
 
@@ -84,8 +83,8 @@ class DINOHead(nn.Module):
       var = (jnp.square(x - mean) * w).sum(0)
       x = (x - mean) * jax.lax.rsqrt(var + 1e-5)
     init = nn.initializers.truncated_normal(0.02)
-    x = gelu(Dense(self.hidden_dim, kernel_init=init, name="fc1")(x))
-    x = gelu(Dense(self.hidden_dim, kernel_init=init, name="fc2")(x))
+    x = nn.gelu(Dense(self.hidden_dim, kernel_init=init, name="fc1")(x), approximate=False)
+    x = nn.gelu(Dense(self.hidden_dim, kernel_init=init, name="fc2")(x), approximate=False)
     x = Dense(self.bottleneck_dim, kernel_init=init, name="fc3")(x)
     x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
     v = self.param("prototypes", init, (self.bottleneck_dim, self.out_dim))

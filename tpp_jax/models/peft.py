@@ -24,9 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpp_jax.models.activations import gelu
 from tpp_jax.models.linear import Dense, token_matmul
-from tpp_jax.models.norm import layer_norm
 
 PEFT_TYPES = ("none", "lora", "dora", "adapter", "adaptformer", "vpt", "ssf", "bitfit")
 LORA_SITES = ("q", "k", "v", "o", "fc1", "fc2")
@@ -132,7 +130,11 @@ class PeftDense(nn.Module):
 
 
 class Norm(nn.Module):
-  """LayerNorm (params `scale`, `bias`; norm.layer_norm, in fp32) with optional SSF scale/shift after it."""
+  """LayerNorm (params `scale`, `bias`, statistics in fp32) with optional SSF scale/shift after it.
+
+  The formula of torch's layer_norm and of flax's nn.LayerNorm(use_fast_variance=False), by plain autodiff (forward
+  and reverse mode); written here rather than as an nn.LayerNorm submodule so the parameters keep their place in
+  saved checkpoints (`.../norm1/scale`, not `.../norm1/LayerNorm_0/scale`)."""
   eps: float = 1e-6
   peft: PeftConfig = PeftConfig()
   dtype: Any = jnp.float32
@@ -142,7 +144,9 @@ class Norm(nn.Module):
     d = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
-    y = layer_norm(x.astype(jnp.float32), scale, bias, self.eps)  # fp32 statistics, whatever the compute dtype
+    x = x.astype(jnp.float32)  # fp32 statistics, whatever the compute dtype
+    centred = x - x.mean(-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + self.eps) * scale + bias
     if self.peft.type == "ssf":
       y = y * self.param("ssf_scale", nn.initializers.ones, (d,)) + self.param("ssf_shift", nn.initializers.zeros, (d,))
     return y.astype(self.dtype)
@@ -157,7 +161,7 @@ class Adapter(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     h = Dense(self.dim, dtype=self.dtype, name="down", kernel_init=nn.initializers.lecun_normal())(x)
-    h = gelu(h)
+    h = nn.gelu(h, approximate=False)
     return Dense(d, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)
 
 

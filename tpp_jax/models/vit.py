@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpp_jax.models.activations import gelu
 from tpp_jax.models.attention import attention
 from tpp_jax.models.peft import Adapter, Norm, PeftConfig, PeftDense
 
@@ -52,7 +51,7 @@ class ViTConfig:
   drop_path: float = 0.0
   dropout: float = 0.0
   dtype: str = "float32"        # compute dtype: float32 | bfloat16
-  attention: str = "auto"       # auto (cuDNN on GPU in bf16, C++ kernel on CPU, else XLA) | xla | cudnn | cpu_kernel
+  attention: str = "auto"       # auto (cuDNN on GPU in bf16, else XLA) | xla | cudnn
   remat: bool = False           # recompute each block's activations in the backward pass (memory for compute)
 
   def __post_init__(self):
@@ -66,8 +65,8 @@ class ViTConfig:
       raise ValueError(f"model.pos_emb={self.pos_emb!r}; valid: 'learned', 'sincos'.")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model.dtype={self.dtype!r}; valid: 'float32', 'bfloat16'.")
-    if self.attention not in ("auto", "xla", "cudnn", "cpu_kernel"):
-      raise ValueError(f"model.attention={self.attention!r}; valid: 'auto', 'xla', 'cudnn', 'cpu_kernel'.")
+    if self.attention not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"model.attention={self.attention!r}; valid: 'auto', 'xla', 'cudnn'.")
 
   @property
   def grid(self) -> int:
@@ -181,7 +180,7 @@ class Mlp(nn.Module):
   def __call__(self, x, deterministic: bool):
     c, dt = self.cfg, self.cfg.jnp_dtype
     h = PeftDense(c.mlp_dim, site="fc1", peft=self.peft, dtype=dt, name="fc1")(x, deterministic=deterministic)
-    h = gelu(h)
+    h = nn.gelu(h, approximate=False)
     if c.dropout:
       h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
     return PeftDense(c.width, site="fc2", peft=self.peft, dtype=dt, name="fc2")(h, deterministic=deterministic)

@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tpp_jax.models.activations import gelu
 from tpp_jax.models.linear import Dense
 from tpp_jax.objectives.base import Objective
 
@@ -24,7 +23,7 @@ class ProjectionHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = gelu(Dense(self.hidden_dim, name="fc1")(x.astype(jnp.float32)))
+    x = nn.gelu(Dense(self.hidden_dim, name="fc1")(x.astype(jnp.float32)), approximate=False)
     return Dense(self.out_dim, name="fc2")(x)
 
 
