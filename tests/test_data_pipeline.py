@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tpp_jax.data import pipeline, sources, transforms
+from tpp_jax.data import image_store, pipeline, sources, transforms
 
 
 class _IdSource:
@@ -248,7 +248,7 @@ def test_workers_read_a_shared_cached_store(tmp_path, monkeypatch):
     d = tmp_path / "train" / "ab"[i % 2]
     d.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(d / f"{i}.png")
-  monkeypatch.setattr(sources, "SHARE_BYTES", 0)  # share even this tiny store
+  monkeypatch.setattr(image_store, "SHARE_BYTES", 0)  # share even this tiny store
   on = sources.ClassFolderSource(tmp_path, "train", cache="on")
   off = sources.ClassFolderSource(tmp_path, "train", cache="off")
   fn = transforms.make_transform({"image_size": 16, "augment": {"crop_scale": (0.35, 1.0), "hflip": True}}, True)

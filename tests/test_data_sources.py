@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tpp_jax.data import pipeline, sources
+from tpp_jax.data import image_store, pipeline, sources
 
 from conftest import jpeg_bytes, write_seg
 
@@ -413,7 +413,7 @@ def test_cache_bad_value_is_one_clear_error(tmp_path, bad):
 def test_store_reaches_workers_as_a_file_mapping(tmp_path, monkeypatch):
   import gc
   import pickle
-  monkeypatch.setattr(sources, "SHARE_BYTES", 0)
+  monkeypatch.setattr(image_store, "SHARE_BYTES", 0)
   src = _tiny_sources(tmp_path, "class_folder", "on")
   col = src._store.columns["image"]
   assert col.file is None
