@@ -2,7 +2,7 @@
 
   python benchmarks/checkpoint_save.py [--config "configs/default.py:stage=finetune"] [--pairs 3] [--devices 8]
 
-The state is the one a run of the config saves (engine.build + the random init: params, AdamW state, aux; no file
+The state is the one a run of the config saves (build_lib.build + the random init: params, AdamW state, aux; no file
 read), replicated over --devices CPU devices as the engine places it. Each row: CheckpointStore.save of that state
 (orbax's save, its wait, the checksums) into a new workdir, timed in --pairs pairs, the order alternating. 'whole' is
 what tpp_jax does on one host (checkpoints.store.save_replicated_arrays_whole); 'orbax default' is orbax's
@@ -36,13 +36,13 @@ def main(argv=None):
   import numpy as np
   import orbax.checkpoint as ocp
 
-  from tpp_jax import engine
+  from tpp_jax import build as build_lib
   from tpp_jax.checkpoints import store as store_lib
   from tpp_jax.config import load_config_file
 
   config = load_config_file(a.config)
-  built = engine.build(config)
-  params, aux = engine.storage_dtypes(config, *built.init_fn(jax.random.key(0)), built.labels)
+  built = build_lib.build(config)
+  params, aux = build_lib.storage_dtypes(config, *built.init_fn(jax.random.key(0)), built.labels)
   state = jax.device_put({"step": np.int32(0), "params": params, "opt_state": built.tx.init(params), "aux": aux},
                          built.state_sharding)
   leaves = jax.tree_util.tree_leaves(state)

@@ -80,6 +80,7 @@ def step_rate(config, steps: int) -> tuple[int, float]:
   """(batch size, images/s of the jitted train step on one fixed batch, after compilation)."""
   import jax
 
+  from tpp_jax import build as build_lib
   from tpp_jax import engine
   small = max(256, 2 * int(config.batch_size))
   c = with_data(config, max_train_examples=small, max_eval_examples=64)
@@ -87,7 +88,7 @@ def step_rate(config, steps: int) -> tuple[int, float]:
     c.progress = False
   with tempfile.TemporaryDirectory(prefix="tpp_bench_") as workdir:
     trainer = engine.Trainer(c, workdir)
-  batch = engine.global_batch(next(trainer.train_iterator()), trainer.mesh)
+  batch = build_lib.global_batch(next(trainer.train_iterator()), trainer.mesh)
   state = trainer.state
   for _ in range(2):  # compile + warm-up
     state, mets = trainer.train_step(state, batch, trainer.base_rng)

@@ -1,6 +1,6 @@
 """Where a tpp_jax training step spends its time on this backend: XLA ops grouped by what they compute.
 
-  python benchmarks/step_profile.py [--row finetune|tpp] [--steps 5] [--small|--full]
+  python benchmarks/step_profile.py [--row finetune|tpp] [--steps 5] [--full]
 
 Builds the same jitted step as `benchmarks/step_speed.py` (LoRA fine-tune, or the TPP MAE+LoRA step), runs
 --steps of it under jax.profiler with XLA:CPU's per-op trace events on, maps every traced XLA op (fusion) to the
@@ -26,14 +26,11 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tpp_jax import hugepages  # noqa: E402 - imports nothing heavy
-
-if __name__ == "__main__":  # as the CLI and step_speed.py run: huge pages for XLA:CPU's per-step buffers
-  hugepages.reexec_with_hugepages()
+# XLA:CPU emits per-op trace events only with this flag (before jax starts its backend)
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 
-import jax  # noqa: E402
-import step_speed  # noqa: E402
+import jax
+import step_speed
 
 GROUPS = ("matmul: q/k/v/o, MLP, LoRA, head", "attention: QK^T, softmax, AV", "layout copies / transposes", "GELU",
           "LayerNorm", "optimizer (AdamW)", "other")
@@ -121,9 +118,7 @@ def main(argv=None):
   busy = sum(total.values())
   print(f"{a.row} step, {s.vit.image_size} px, batch {s.batch}, jax {jax.__version__} on {jax.devices()[0].platform}; "
         f"wall {wall * 1e3:.1f} ms/step under the profiler; traced ops {busy:.1f} ms/step"
-        + ("" if gpu else f" summed over XLA's threads ({busy / (wall * 1e3):.2f} cores busy on average)")
-        + "; glibc huge pages "
-        f"{'on' if hugepages.active() else 'off'}")
+        + ("" if gpu else f" summed over XLA's threads ({busy / (wall * 1e3):.2f} cores busy on average)"))
   print("| group | ms/step | share |\n|---|---:|---:|")
   for g in GROUPS:
     print(f"| {g} | {total[g]:.1f} | {100 * total[g] / max(busy, 1e-9):.0f} % |")

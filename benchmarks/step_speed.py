@@ -2,7 +2,7 @@
 
   python benchmarks/step_speed.py                  # GPU/TPU: ViT-B/16, 224 px, batch 256, bf16
   python benchmarks/step_speed.py --small          # the demo size (the default when JAX runs on CPU)
-  python benchmarks/step_speed.py --steps 3 --repeats 2 --no-compile --threads 2 --peak-tflops 989
+  python benchmarks/step_speed.py --steps 3 --repeats 2 --no-compile --peak-tflops 989
 
 Rows (each one step = forward + backward + AdamW update; ms/step is the median over --repeats timings of --steps
 steps each, after --warmup steps and after compilation):
@@ -27,20 +27,14 @@ ViT-Ti/8 with 6 blocks at 64 px, batch 64, fp32, a 128-wide 1-deep decoder. Both
 
 Columns: TFLOP/s uses the analytic model FLOPs printed above the table (multiply-add = 2 FLOPs); MFU = TFLOP/s / the
 device's dense bf16 peak (a built-in table, or --peak-tflops); peak mem and the optimizer-state column are explained
-in the footnotes the script prints. Threads: XLA:CPU always uses every core; --threads sets torch's count (torch's
-default is the core count too, so on a 2-core machine both use 2). On a shared CPU, run it on an idle machine: with
-other processes on the cores, torch's OpenMP steps slow down several-fold (the header prints the load average; on a
-busy machine --threads 1 gives torch steadier numbers).
-
-Like `python -m tpp_jax.main`, the script re-executes itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux,
-glibc >= 2.35; tpp_jax/hugepages.py), so both frameworks' rows run with it; TPP_HUGEPAGES=0 runs without.
+in the footnotes the script prints. CPU is a test / demo backend here: its numbers are for the scripts' own checks.
 
 When PyTorch is importable the last line is
   ratio tpp_jax/pytorch: finetune X.XXx, mae X.XXx
 (tpp_jax images/s / transformers+peft eager images/s, same shapes). With --pairs N (the default on CPU: 5) it comes
 from N pairs, each tpp_jax and torch eager timed one right after the other (--steps steps each, the order alternating
 from pair to pair), as the median of the N per-pair ratios: a shared machine's speed drifts over the minutes the
-table's rows take one after another, and that drift moved the table's ratio by +-0.2 between runs on the same code.
+table's rows take one after another, and the pairs keep that drift out of the ratio.
 """
 from __future__ import annotations
 
@@ -62,30 +56,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from tpp_jax import hugepages  # noqa: E402 - imports nothing heavy
-
-if __name__ == "__main__":  # as the CLI runs: huge pages for XLA:CPU's per-step buffers, torch rows included
-  hugepages.reexec_with_hugepages()
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from tpp_jax import engine, partition
+from tpp_jax import build as build_lib
+from tpp_jax import partition
 from tpp_jax import tree as tree_lib
-from tpp_jax.models import cpu_attention
 from tpp_jax.models.heads import ClassifierHead
 from tpp_jax.models.mae import MAEDecoder, MAEDecoderConfig, mae_loss, random_masking
 from tpp_jax.models.peft import PeftConfig
 from tpp_jax.models.vit import ViT, ViTConfig
-
-try:
-  from tpp_jax.xla import jit as tpp_jit  # the jit the engine uses (its XLA:CPU compiler options)
-except ImportError:  # an older tpp_jax
-  tpp_jit = jax.jit
 
 LORA = PeftConfig(type="lora", rank=8, alpha=8.0, targets=("q", "v"))
 MASK_RATIO = 0.75
@@ -196,7 +178,7 @@ def xla_forward_flops(cfg: ViTConfig, batch: int = 1) -> float | None:
   vit = ViT(cfg)
   shape = (batch, cfg.image_size, cfg.image_size, cfg.channels)
   params = jax.eval_shape(lambda: vit.init(jax.random.key(0), jnp.zeros((1, *shape[1:]))))["params"]
-  fwd = tpp_jit(lambda p, x: vit.apply({"params": p}, x)["tokens"])
+  fwd = jax.jit(lambda p, x: vit.apply({"params": p}, x)["tokens"])
   flops = xla_flops(fwd.lower(params, jax.ShapeDtypeStruct(shape, jnp.float32)).compile())
   return None if flops is None else flops / batch
 
@@ -238,8 +220,8 @@ def fmt_bytes(n: float) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 def split_trainable(params, labels):
-  """(trainable, frozen) nested trees of `params` by partition label (engine.split_trainable, nested)."""
-  return tuple(tree_lib.unflatten(part) for part in engine.split_trainable(params, labels))
+  """(trainable, frozen) nested trees of `params` by partition label (build_lib.split_trainable, nested)."""
+  return tuple(tree_lib.unflatten(part) for part in build_lib.split_trainable(params, labels))
 
 
 def merge(trainable, frozen):
@@ -254,11 +236,10 @@ class JaxStep:
   off CPU; the frozen tree is an argument, not a constant baked into the executable.
   """
 
-  def __init__(self, init_fn, loss_fn, rules, mesh=None, setup: Setup | None = None):
-    """init_fn() -> (params, batch): full-size concrete arrays (only traced here). mesh: a 1-D 'data' mesh to split
-    the batch over (params and optimizer state replicated, as the engine does), or None for one device. setup: its
-    compute dtype and frozen_dtype store the frozen weight matrices as the engine does (engine.storage_dtypes)."""
-    self.init_fn, self.shardings = init_fn, None
+  def __init__(self, init_fn, loss_fn, rules, setup: Setup | None = None):
+    """init_fn() -> (params, batch): full-size concrete arrays (only traced here). setup: its compute dtype and
+    frozen_dtype store the frozen weight matrices as the engine does (build_lib.storage_dtypes)."""
+    self.init_fn = init_fn
     self.storage = None if setup is None else ml_collections.ConfigDict(
         {"model": {"dtype": setup.vit.dtype, "frozen_dtype": setup.frozen_dtype}})
     shapes, _ = jax.eval_shape(init_fn)
@@ -272,30 +253,20 @@ class JaxStep:
       return optax.apply_updates(trainable, updates), opt, loss
 
     donate = (0, 1) if jax.default_backend() != "cpu" else ()
-    state_shapes = jax.eval_shape(self.state)
-    kwargs = {}
-    if mesh is not None:
-      rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-      per_batch = lambda x: rep if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else data
-      self.shardings = (rep, rep, rep, jax.tree_util.tree_map(per_batch, state_shapes[3]))
-      kwargs = dict(in_shardings=self.shardings, out_shardings=(rep, rep, rep))
-    self.compiled = tpp_jit(step, donate_argnums=donate, **kwargs).lower(*state_shapes).compile()
+    self.compiled = jax.jit(step, donate_argnums=donate).lower(*jax.eval_shape(self.state)).compile()
     self.flops = xla_flops(self.compiled)
 
   def state(self):
     params, batch = self.init_fn()
     labels = partition.label_tree(params, self.rules)
     if self.storage is not None:
-      params, _ = engine.storage_dtypes(self.storage, params, {}, labels)
+      params, _ = build_lib.storage_dtypes(self.storage, params, {}, labels)
     trainable, frozen = split_trainable(params, labels)
     return trainable, self.tx.init(trainable), frozen, batch
 
   def start(self, peak_seen: list[float]) -> Step:
     """peak_seen: [the process's device peak so far] (jax cannot reset its peak counter), updated here."""
-    state = self.state()
-    if self.shardings is not None:
-      state = tuple(jax.device_put(x, sh) for x, sh in zip(state, self.shardings))
-    trainable, opt, frozen, batch = jax.block_until_ready(state)
+    trainable, opt, frozen, batch = jax.block_until_ready(self.state())
     st = {"t": trainable, "o": opt, "loss": None}
 
     def run():
@@ -324,7 +295,7 @@ def images(s: Setup, batch: int):
   return jax.random.normal(jax.random.key(0), (batch, s.vit.image_size, s.vit.image_size, s.vit.channels))
 
 
-def jax_finetune(s: Setup, mesh=None) -> JaxStep:
+def jax_finetune(s: Setup) -> JaxStep:
   enc, head = ViT(s.vit, LORA), ClassifierHead(NUM_CLASSES)
 
   def init_fn():
@@ -338,10 +309,10 @@ def jax_finetune(s: Setup, mesh=None) -> JaxStep:
     logits = head.apply({"params": params["head"]}, tokens[:, 1:].mean(axis=1))  # as the torch row
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  return JaxStep(init_fn, loss_fn, partition.default_rules("finetune", "lora"), mesh, s)
+  return JaxStep(init_fn, loss_fn, partition.default_rules("finetune", "lora"), s)
 
 
-def jax_tpp(s: Setup, mesh=None) -> JaxStep:
+def jax_tpp(s: Setup) -> JaxStep:
   enc, dec = ViT(s.vit, LORA), MAEDecoder(s.dec, s.vit)
   n = s.vit.num_patches
 
@@ -359,7 +330,7 @@ def jax_tpp(s: Setup, mesh=None) -> JaxStep:
     return mae_loss(pred, x, mask, s.vit.patch, True)
 
   # the tpp stage: LoRA + decoder trained, encoder and the fixed sin-cos decoder position embedding frozen
-  return JaxStep(init_fn, loss_fn, partition.default_rules("tpp", "lora", fixed_pos_emb=True), mesh, s)
+  return JaxStep(init_fn, loss_fn, partition.default_rules("tpp", "lora", fixed_pos_emb=True), s)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -543,7 +514,7 @@ def parse_args(argv=None):
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (torch.compile compiles in them)")
   ap.add_argument("--no-torch", action="store_true", help="tpp_jax rows only")
   ap.add_argument("--only", choices=("finetune", "mae"), help="the rows of one step only")
-  ap.add_argument("--attention", choices=("auto", "xla", "cudnn", "cpu_kernel"), default="auto",
+  ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                   help="tpp_jax's model.attention (auto: cuDNN fused attention on GPU in bf16)")
   ap.add_argument("--frozen-dtype", choices=("auto", "float32"), default="auto",
                   help="tpp_jax's model.frozen_dtype (auto: frozen weight matrices stored in bf16 when computing in "
@@ -551,16 +522,8 @@ def parse_args(argv=None):
   ap.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
   ap.add_argument("--pairs", type=int, help="the ratio line from N pairs of tpp_jax and torch eager timed in turn "
                   "(default: 5 on CPU; 0 = from the table's rows, the default on GPU / TPU)")
-  ap.add_argument("--threads", type=int, help="torch.set_num_threads(N) (XLA:CPU always uses every core)")
   ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: built-in table)")
-  ap.add_argument("--cpu-devices", type=int, default=0,
-                  help="CPU only: run the tpp_jax rows on N CPU devices, the batch split over them as the engine "
-                       "does with TPP_CPU_DEVICES=N (XLA:CPU runs element-wise ops on one thread per device)")
   a = ap.parse_args(argv)
-  if a.cpu_devices > 1:  # before anything starts JAX's backends
-    jax.config.update("jax_num_cpu_devices", a.cpu_devices)
-    if jax.default_backend() != "cpu":
-      ap.error("--cpu-devices is for a CPU run (JAX sees an accelerator)")
   a.size = a.size or ("small" if jax.default_backend() == "cpu" else "full")
   if a.pairs is None:
     a.pairs = 5 if jax.default_backend() == "cpu" else 0
@@ -580,33 +543,22 @@ def paired_ratio(jax_step: Step, torch_step: Step, pairs: int, steps: int, warmu
   return statistics.median(ratios), ratios
 
 
-def load_average() -> str:
-  """The 1-minute load average: CPU timings (torch's OpenMP above all) degrade when other processes use the cores."""
-  return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
-
-
 def main(argv=None):
   a = parse_args(argv)
   s = make_setup(a.size, a.batch, a.dtype, a.attention, a.frozen_dtype)
   a.batch, dtype = s.batch, s.vit.dtype
   mods = None if a.no_torch else torch_modules()
   device = torch_device(mods[0]) if mods else None
-  if mods and a.threads:
-    mods[0].set_num_threads(a.threads)
   if device == "cuda" and dtype == "float32":
     mods[0].set_float32_matmul_precision("high")  # TF32, as XLA's default precision for fp32 dots on GPU
 
   dev = jax.devices()[0]
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   torch_info = "torch: not used" if a.no_torch else "torch: not importable"
   if mods:
     torch_info = (f"torch {mods[0].__version__} on {device or 'no matching device (no torch rows)'}, "
                   f"transformers {mods[1].__version__}, peft {mods[2].__version__}")
-  print(f"jax {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({dev.platform}; "
-        f"{'the batch split over all' if a.cpu_devices > 1 else 'timed on one'}) | "
-        f"{torch_info} | threads: XLA:CPU {cores} (all cores), torch {mods[0].get_num_threads() if mods else '–'} | "
-        f"load average {load_average()} | glibc huge pages {'on' if hugepages.active() else 'off'} "
-        f"(tpp_jax/hugepages.py; TPP_HUGEPAGES=0 for off)")
+  print(f"jax {jax.__version__} on {jax.device_count()} x {dev.device_kind} ({dev.platform}; timed on one) | "
+        f"{torch_info}")
   print(f"{s.name}, batch {s.batch}, {dtype} (tpp_jax: attention {a.attention}, frozen weights "
         f"{'bf16' if dtype == 'bfloat16' and a.frozen_dtype == 'auto' else 'fp32'}); MAE decoder {s.dec.width} wide "
         f"x {s.dec.depth} deep; LoRA r={LORA.rank} "
@@ -614,25 +566,18 @@ def main(argv=None):
         f"{a.warmup} warm-up")
 
   # tpp_jax steps are compiled from shapes first, for XLA's FLOP counts
-  mesh = None
-  if a.cpu_devices > 1:
-    if s.batch % jax.device_count():
-      sys.exit(f"--batch {s.batch} must be a multiple of --cpu-devices {jax.device_count()}")
-    mesh = Mesh(jax.devices(), ("data",))
   kinds = (a.only,) if a.only else ("finetune", "mae")
-  jax_steps = {k: (jax_finetune if k == "finetune" else jax_tpp)(s, mesh) for k in kinds}
+  jax_steps = {k: (jax_finetune if k == "finetune" else jax_tpp)(s) for k in kinds}
   compiled = dict(jax_steps)  # the rows take their step from jax_steps; the pairs start theirs again from here
   flops = {"finetune": finetune_step_flops(s.vit), "mae": tpp_step_flops(s)}
   xla = {k: (jax_steps[k].flops / s.batch if k in jax_steps and jax_steps[k].flops else None)
          for k in ("finetune", "mae")}
-  if jax.default_backend() == "gpu":  # the compiled GPU step's count leaves out its cuBLAS calls (4.9 of 71.8 G, H200)
+  if jax.default_backend() == "gpu":  # XLA:GPU's count leaves out the matmuls it hands to cuBLAS custom calls
     xla = {k: None for k in xla}
   g = lambda f: "n/a" if f is None else f"{f / 1e9:.3f}"
   t_all, k = s.vit.num_patches + 1, s.visible + 1
-  kernel = a.attention in ("auto", "cpu_kernel") and jax.default_backend() == "cpu" and cpu_attention.build() is None
   print("\nModel FLOPs per image, GFLOP (analytic, multiply-add = 2; XLA = jax's cost_analysis() of the compiled "
-        "tpp_jax computation" + ("; it cannot count the FLOPs inside the fused CPU attention kernel, a custom call"
-                                 if kernel else "") + "):")
+        "tpp_jax computation):")
   print(f"  ViT forward, {t_all} tokens   {g(vit_forward_flops(s.vit))} (XLA {g(xla_forward_flops(s.vit))})   "
         "depth x [2T(4D^2 + 2DM) + 4T^2 D] + patch embedding 2N P^2 C D")
   print(f"  LoRA fine-tune step      {g(flops['finetune'])} (XLA {g(xla['finetune'])})   patch + 2 x frozen matmuls "

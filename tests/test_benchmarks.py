@@ -1,5 +1,5 @@
 """benchmarks/: the side-by-side step table runs end to end, its analytic FLOP counts are right, and the other
-benchmarks (profile, attention products, checkpoint saves) run through their CLIs."""
+benchmarks (step profile, checkpoint saves) run through their CLIs."""
 import importlib.util
 import os
 import re
@@ -7,9 +7,6 @@ import subprocess
 import sys
 
 import jax
-
-from tpp_jax import hugepages
-from tpp_jax.models import cpu_attention
 
 from conftest import ROOT
 
@@ -30,16 +27,14 @@ def torch_peers() -> bool:
 
 
 def test_step_speed_table_and_flops():
-  drop = ("XLA_FLAGS", "GLIBC_TUNABLES", "TPP_HUGEPAGES_REEXEC")
-  env = {k: v for k, v in os.environ.items() if k not in drop}  # one CPU device, as a plain run
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a plain run
   r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--repeats", "1", "--warmup", "1",
                       "--no-compile", "--pairs", "3"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
                      capture_output=True, text=True, timeout=300)
   out = r.stdout
   assert r.returncode == 0, (out + r.stderr)[-3000:]
   rows = {l.split("|")[1].strip(): l for l in out.splitlines() if l.startswith("| ")}
-  supported = hugepages.tunables_with_hugepages({}) is not None  # re-executed with them, as the CLI
-  assert f"glibc huge pages {'on' if supported else 'off'}" in out.splitlines()[0], out[:500]
+  assert " x cpu (cpu; timed on one) | " in out.splitlines()[0], out[:500]
   for name in ("LoRA fine-tune, tpp_jax", "TPP MAE+LoRA, tpp_jax"):
     assert name in rows, out
     ms = rows[name].split("|")[2].strip()
@@ -66,22 +61,9 @@ def test_step_speed_table_and_flops():
   assert abs(m.vit_forward_flops(b16) / (2 * 17.56e9) - 1) < 0.02
   tiny = m.make_setup("tiny", None, None).vit
   xla = m.xla_forward_flops(tiny, batch=2)  # jax's own count of the tpp_jax ViT forward
-  assert abs(xla / m.vit_forward_flops(tiny) - 1) < 0.05, (xla, m.vit_forward_flops(tiny))
-
-
-def test_step_speed_cpu_devices_splits_the_batch_over_them():
-  """--cpu-devices 2: the tpp_jax rows run data-parallel on two CPU devices (as TPP_CPU_DEVICES=2 in the engine)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--repeats", "1", "--warmup", "1",
-                      "--no-torch", "--cpu-devices", "2"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-  assert "on 2 x cpu (cpu; the batch split over all)" in r.stdout, r.stdout[:500]
-  rows = [l for l in r.stdout.splitlines() if l.startswith("| ") and "tpp_jax" in l]
-  assert len(rows) == 2 and all(float(l.split("|")[2]) > 0 for l in rows), r.stdout
-  r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--no-torch", "--cpu-devices", "3"], cwd=ROOT,
-                     env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0 and "must be a multiple of --cpu-devices 3" in r.stderr, r.stderr[-1000:]
+  # XLA also counts the element-wise ops the analytic count leaves out, above all exact GELU (flax's erfc form,
+  # ~64 FLOPs per MLP activation): at this width (192, MLP 768) they add ~6 % to the matmuls
+  assert 0 <= xla / m.vit_forward_flops(tiny) - 1 < 0.08, (xla, m.vit_forward_flops(tiny))
 
 
 def test_step_profile_groups_the_traced_ops_through_its_cli():
@@ -120,7 +102,7 @@ def test_step_profile_groups_gpu_kernels_by_their_xla_ops():
 
 
 def test_step_speed_stores_frozen_weights_as_the_engine_and_runs_one_step_kind():
-  """bf16 compute: the frozen matrices are bf16 (engine.storage_dtypes), trainable leaves fp32; --frozen-dtype float32
+  """bf16 compute: the frozen matrices are bf16 (build.storage_dtypes), trainable leaves fp32; --frozen-dtype float32
   keeps them fp32; --only mae prints the TPP row alone."""
   m = load_step_speed()
   for frozen_dtype, want in (("auto", "bfloat16"), ("float32", "float32")):
@@ -136,33 +118,6 @@ def test_step_speed_stores_frozen_weights_as_the_engine_and_runs_one_step_kind()
   assert "(tpp_jax: attention xla, frozen weights bf16)" in r.stdout, r.stdout[:800]
   rows = [l.split("|")[1].strip() for l in r.stdout.splitlines() if l.startswith("| ") and "step" not in l[:8]]
   assert rows == ["TPP MAE+LoRA, tpp_jax"], r.stdout
-
-
-def test_attention_products_times_both_frameworks_on_equal_results():
-  """benchmarks/attention_products.py through its CLI: one row per product, both frameworks' times, same results."""
-  r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_products.py"), "--batch", "2", "--tokens",
-                      "17", "--heads", "2", "--head-dim", "8", "--steps", "2", "--repeats", "1"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-2000:]
-  rows = [line for line in r.stdout.splitlines() if line.startswith(("| QK^T", "| PV"))]
-  assert [row.split("(")[1].split(")")[0] for row in rows] == ["4 x 17x8 . 8x17", "4 x 17x17 . 17x8"]
-  for row in rows:
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    # ms to 2 decimals (a fast machine may print 0.00 for these tiny shapes), GFLOP/s to 3 significant digits
-    assert all(float(c) >= 0 for c in cells[1:3]) and all(float(c) > 0 for c in cells[3:5]), row
-    assert cells[5].endswith("x"), row
-  diff = float(re.search(r"max \|jax - torch\| over both products: (\S+)", r.stdout).group(1))
-  assert diff < 1e-4, r.stdout
-  passes = [line for line in r.stdout.splitlines() if line.startswith(("| forward", "| forward + backward"))]
-  kernel = cpu_attention.build() is None  # n/a in the kernel's column where it cannot be built
-  assert len(passes) == 2, r.stdout
-  for row in passes:
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert (float(cells[1]) >= 0 if kernel else cells[1] == "n/a") and float(cells[2]) >= 0 and float(cells[3]) >= 0
-  for name in ("kernel", "XLA")[0 if kernel else 1:]:  # against torch's SDPA: the output and the gradients
-    found = re.search(rf"max \|{name} - torch\| over the output and the three gradients: (\S+)", r.stdout)
-    diff = float(found.group(1))
-    assert diff < 1e-4, r.stdout
 
 
 def test_checkpoint_save_times_both_handlers_and_restores_the_same_arrays():

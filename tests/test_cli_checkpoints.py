@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 from test_convert import hf_to_big_vision, hf_to_timm, perturb  # noqa: E402  (renaming written independently)
 
+from tpp_jax import build as build_lib
 from tpp_jax import config as config_lib  # noqa: E402
-from tpp_jax import engine, main, pipeline
+from tpp_jax import main, pipeline
 from tpp_jax.checkpoints import load as load_lib  # noqa: E402
 from tpp_jax.models.mae import MAEDecoder, MAEDecoderConfig, random_masking  # noqa: E402
 from tpp_jax.models.vit import ViT, ViTConfig  # noqa: E402
@@ -254,8 +255,8 @@ def test_every_stage_initialises_from_a_decoderless_checkpoint(ckpts, data, tmp_
   configs = pipeline.arm_configs(c, 0, tmp_path).values() if stage == "pipeline" else [c]
   batch = {"image": np.zeros((2, S, S, 3), np.float32), "label": np.zeros(2, np.int32)}
   for cfg in configs:
-    encoder = engine.build_encoder(cfg)
-    params, _, source = engine.init_params(cfg, encoder, make_objective(cfg, encoder), batch, jax.random.key(0))
+    encoder = build_lib.build_encoder(cfg)
+    params, _, source = build_lib.init_params(cfg, encoder, make_objective(cfg, encoder), batch, jax.random.key(0))
     assert source.startswith("timm checkpoint") and "MAE decoder" not in source
     assert ("decoder" in params) == (cfg.stage in ("tpp", "pretrain"))
   assert capsys.readouterr().out.count(NO_DECODER) == (1 if stage in ("tpp", "pretrain", "pipeline") else 0)
@@ -281,7 +282,7 @@ def test_sharded_hf_folder_and_a_folder_without_weights(ckpts, data, tmp_path):
   model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
   assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
   c = _config(ckpts["hf_vit"], data)
-  encoder = engine.build_encoder(c)
+  encoder = build_lib.build_encoder(c)
   whole, _, _ = load_lib.load_backbone(c, encoder)
   c.init.path = str(tmp_path / "sharded")
   sharded, _, source = load_lib.load_backbone(c, encoder)

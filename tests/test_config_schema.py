@@ -25,7 +25,7 @@ READ_IN = {
     "pretext.local_crops": "tpp_jax/objectives/dino.py",  # DINO multi-crop
     "pretext.local_crop_size": "tpp_jax/objectives/dino.py",
     "pretext.local_crop_scale": "tpp_jax/objectives/dino.py",
-    "optim.layer_decay": "tpp_jax/engine.py",  # make_tx
+    "optim.layer_decay": "tpp_jax/build.py",  # make_tx
     "data.prefetch": "tpp_jax/data/config.py",  # resolve(); passed to pipeline.train_iter by the engine
 }
 
@@ -170,23 +170,24 @@ def test_new_data_fields_are_cli_overridable():
 
 
 def _tiny(layer_decay: float, depth: int = 3):
-  from tpp_jax import engine, partition
+  from tpp_jax import build as build_lib
+  from tpp_jax import partition
   c = config_lib.base_config()
   c.stage = "full"
   c.peft.type = "none"
   c.model.update(variant="Mu/8", image_size=16, depth=depth)
   c.optim.update(layer_decay=layer_decay, warmup_steps=0)
   c.steps = 10
-  enc = engine.build_encoder(c)
+  enc = build_lib.build_encoder(c)
   params = {"encoder": enc.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"],
             "head": {"kernel": jnp.zeros((64, 2)), "bias": jnp.zeros((2,))}}
   labels = partition.label_tree(params, partition.default_rules("full", "none"))
-  tx, _ = engine.make_tx(c, labels)
+  tx, _ = build_lib.make_tx(c, labels)
   return c, params, labels, tx
 
 
 def _expected_scale(path: str, decay: float, depth: int) -> float:
-  """BEiT/MAE param groups, written out independently of engine.make_tx."""
+  """BEiT/MAE param groups, written out independently of build_lib.make_tx."""
   m = re.match(r"encoder/blocks_(\d+)/", path)
   if m:
     return decay ** (depth - int(m.group(1)))
@@ -243,7 +244,7 @@ def test_layer_decay_is_validated():
 
 
 def test_one_json_reader(tmp_path):
-  from tpp_jax.logging_utils import read_json, read_jsonl
+  from tpp_jax.jsonio import read_json, read_jsonl
   (tmp_path / "a.json").write_text('{"stage": "tpp"}')
   (tmp_path / "list.json").write_text("[1]")
   (tmp_path / "bad.json").write_text("{")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tpp_jax import build as build_lib
 from tpp_jax import config as config_lib
 from tpp_jax import engine
 from tpp_jax.data import device_augment, transforms
@@ -89,12 +90,12 @@ def test_the_train_step_augments_with_its_own_key_per_step(tmp_path):
   batch = next(t.train_iterator())
   assert batch["image"].dtype == np.uint8
   aug = device_augment.make(c.data)
-  k = jax.random.fold_in(jax.random.fold_in(t.base_rng, 0), engine.AUGMENT_STREAM)
+  k = jax.random.fold_in(jax.random.fold_in(t.base_rng, 0), build_lib.AUGMENT_STREAM)
   x0 = aug(jax.tree_util.tree_map(jnp.asarray, batch), k)["image"]
   x1 = aug(jax.tree_util.tree_map(jnp.asarray, batch), jax.random.fold_in(k, 1))["image"]
   assert x0.dtype == jnp.float32 and not np.allclose(x0, x1)
   assert float(jnp.abs(x0).max()) < 5  # normalised values
-  state, mets = t.train_step(t.state, engine.global_batch(batch, t.mesh), t.base_rng)
+  state, mets = t.train_step(t.state, build_lib.global_batch(batch, t.mesh), t.base_rng)
   assert np.isfinite(float(mets["loss"])) and int(state["step"]) == 1
 
 

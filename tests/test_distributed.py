@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from tpp_jax import build as build_lib
 from tpp_jax import engine
 from tpp_jax import main as main_lib
 from tpp_jax import workdir as workdir_lib
@@ -109,7 +110,7 @@ def _single_process_reference(tmp_path):
   for step in range(1, int(c.steps) + 1):
     parts = [next(it) for it in its]
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    state, mets = t.train_step(state, engine.global_batch(batch, t.mesh), t.base_rng)
+    state, mets = t.train_step(state, build_lib.global_batch(batch, t.mesh), t.base_rng)
     losses[step] = float(mets["loss"])
   t.state = state
   return t, losses, {s: t.evaluate(s) for s in c.eval_splits}

@@ -6,6 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tpp_jax import build as build_lib
 from tpp_jax import config as config_lib
 from tpp_jax import engine, main
 from tpp_jax import tree as tree_lib
@@ -29,14 +30,14 @@ def test_sharded_step_equals_single_device_step(pneumonia_npz, tmp_path):
   s8, s1 = t8.state, t1.state
   for _ in range(3):
     batch = next(it)
-    s8, m8 = t8.train_step(s8, engine.global_batch(batch, t8.mesh), t8.base_rng)
-    s1, m1 = t1.train_step(s1, engine.global_batch(batch, t1.mesh), t1.base_rng)
+    s8, m8 = t8.train_step(s8, build_lib.global_batch(batch, t8.mesh), t8.base_rng)
+    s1, m1 = t1.train_step(s1, build_lib.global_batch(batch, t1.mesh), t1.base_rng)
     assert abs(float(m8["loss"]) - float(m1["loss"])) <= 1e-5
   diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                  s8["params"], s1["params"])
   assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-5
   # the batch really is split over 8 devices
-  gb = engine.global_batch(next(it), t8.mesh)
+  gb = build_lib.global_batch(next(it), t8.mesh)
   assert len(gb["image"].sharding.device_set) == 8
 
 
@@ -166,8 +167,8 @@ def test_fsdp_sharded_params_give_the_same_step(pneumonia_npz, tmp_path):
              and not x.sharding.is_fully_replicated]
   assert sharded, "fsdp=True sharded no parameter"
   batch = next(t_rep.train_iterator())
-  s1, m1 = t_rep.train_step(t_rep.state, engine.global_batch(batch, t_rep.mesh), t_rep.base_rng)
-  s2, m2 = t_fsdp.train_step(t_fsdp.state, engine.global_batch(batch, t_fsdp.mesh), t_fsdp.base_rng)
+  s1, m1 = t_rep.train_step(t_rep.state, build_lib.global_batch(batch, t_rep.mesh), t_rep.base_rng)
+  s2, m2 = t_fsdp.train_step(t_fsdp.state, build_lib.global_batch(batch, t_fsdp.mesh), t_fsdp.base_rng)
   assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-5
   for a, b in zip(jax.tree_util.tree_leaves(s1["params"]), jax.tree_util.tree_leaves(s2["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -5,8 +5,9 @@ import pathlib
 import numpy as np
 import pytest
 
+from tpp_jax import build as build_lib
 from tpp_jax import config as config_lib
-from tpp_jax import engine, main, pipeline, report
+from tpp_jax import main, pipeline, report
 from tpp_jax.data import pipeline as data_pipeline
 
 from conftest import load_config, run_cli
@@ -55,14 +56,14 @@ def test_stratified_subset_keeps_class_proportions(fraction):
 def test_every_arm_of_a_fraction_trains_on_the_same_train_subset(tmp_path):
   c = load_config("default", ARGS)
   c.data.update(max_train_examples=0, max_eval_examples=0)
-  full = engine.build_sources(c)  # stage pipeline: no subset
+  full = build_lib.build_sources(c)  # stage pipeline: no subset
   arms = pipeline.arm_configs(c, 0, tmp_path)
   assert list(arms) == ["tpp", *FT_ARMS, *(f"frac_0.25/{a}" for a in FT_ARMS)]
   assert arms["frac_0.25/tpp_finetune"].target_init == str(tmp_path / "seed_0" / "tpp")  # one TPP arm per seed
   assert arms["baseline_matched"].steps == arms["frac_0.25/baseline_matched"].steps == c.steps + c.pipeline.tpp_steps
   assert arms["baseline"].steps == c.steps and not arms["frac_0.25/baseline_matched"].target_init
-  assert len(engine.build_sources(arms["tpp"])["train"]) == len(full["train"])  # TPP: every training image
-  subsets = [engine.build_sources(arms[f"frac_0.25/{a}"]) for a in FT_ARMS]
+  assert len(build_lib.build_sources(arms["tpp"])["train"]) == len(full["train"])  # TPP: every training image
+  subsets = [build_lib.build_sources(arms[f"frac_0.25/{a}"]) for a in FT_ARMS]
   train_labels = np.asarray(full["train"].labels)
   for s in subsets:
     np.testing.assert_array_equal(s["train"].indices, subsets[0]["train"].indices)
@@ -70,8 +71,8 @@ def test_every_arm_of_a_fraction_trains_on_the_same_train_subset(tmp_path):
     np.testing.assert_array_equal(s["train"].labels, train_labels[s["train"].indices])
     assert abs(len(s["train"]) - 0.25 * len(full["train"])) <= 1
   for a in FT_ARMS:
-    assert len(engine.build_sources(arms[a])["train"]) == len(full["train"])
-  seed1 = engine.build_sources(pipeline.arm_configs(c, 1, tmp_path)["frac_0.25/baseline"])["train"]
+    assert len(build_lib.build_sources(arms[a])["train"]) == len(full["train"])
+  seed1 = build_lib.build_sources(pipeline.arm_configs(c, 1, tmp_path)["frac_0.25/baseline"])["train"]
   assert not np.array_equal(seed1.indices, subsets[0]["train"].indices)
 
 
@@ -98,7 +99,7 @@ def test_cli_pipeline_with_label_fractions_and_compute_matched_baseline(tmp_path
   s = {a: json.loads((seed / a / "summary.json").read_text()) for a in ("tpp", *FT_ARMS)}
   s.update({f"frac/{a}": json.loads((seed / "frac_0.25" / a / "summary.json").read_text()) for a in FT_ARMS})
   c = load_config("default", ARGS)
-  full = engine.build_sources(c)["train"]  # max_train_examples=128 of the demo set
+  full = build_lib.build_sources(c)["train"]  # max_train_examples=128 of the demo set
   want = len(data_pipeline.stratified_subset(full, 0.25, 0))
   assert want == 32
   assert s["tpp"]["data"]["train_examples"] == len(full) == 128  # TPP: every training image, once per seed

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from tpp_jax import build as build_lib
 from tpp_jax import engine
 from tpp_jax import tree as tree_lib
 from tpp_jax.objectives.mae import MAEObjective
@@ -66,7 +67,7 @@ def _loss_probe(trainer, batch):
 def _fit_fixed_batch(trainer, batch=None, steps=STEPS):
   """(loss before, loss after, params before, final state, loss fn) of `steps` train steps on one batch."""
   if batch is None:
-    batch = engine.global_batch(next(trainer.train_iterator()), trainer.mesh)
+    batch = build_lib.global_batch(next(trainer.train_iterator()), trainer.mesh)
   loss = _loss_probe(trainer, batch)
   p0, a0 = _copy(trainer.state["params"]), _copy(trainer.state["aux"])
   before = loss(p0, a0)
@@ -128,7 +129,7 @@ def test_mae_encoder_sees_only_the_visible_patches(pneumonia_npz, tmp_path):
     seen.append((out["tokens"].shape, [b.shape for b in out["blocks"]]))
     return out
   obj.encode = spy
-  batch = engine.global_batch(next(trainer.train_iterator()), trainer.mesh)
+  batch = build_lib.global_batch(next(trainer.train_iterator()), trainer.mesh)
   jax.eval_shape(lambda p, a, b: obj.loss(p, a, b, EVAL_KEY, True)[0], trainer.state["params"],
                  trainer.state["aux"], batch)
   n = trainer.encoder.cfg.num_patches
@@ -145,7 +146,7 @@ def test_pretrain_stage_trains_everything_but_the_sincos_pos_embed(pneumonia_npz
   c = _config(pneumonia_npz, "stage=pretrain,pretext.type=mae")
   assert c.model.pos_emb == "sincos"
   trainer = engine.Trainer(c, tmp_path, devices=jax.devices()[:1])
-  batch = engine.global_batch(next(trainer.train_iterator()), trainer.mesh)
+  batch = build_lib.global_batch(next(trainer.train_iterator()), trainer.mesh)
   obj, rng0 = trainer.objective, jax.random.fold_in(trainer.base_rng, 0)
   reference = float(jax.jit(lambda p, a, b: obj.loss(p, a, b, rng0, False)[0])(
       trainer.state["params"], trainer.state["aux"], batch))

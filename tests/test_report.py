@@ -221,9 +221,9 @@ def test_reconstruction_and_overlay_pngs(tmp_path, channels):
 
 def test_display_unnormalises_and_clips():
   x = np.asarray([[[[-3.0, 0.0, 3.0]]]], np.float32)
-  out = report._display(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+  out = report.plots._display(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
   np.testing.assert_allclose(out[0, 0, 0], [0.0, 0.5, 1.0])
-  assert report._display(np.zeros((2, 4, 4, 1)), mean=(0.5,), std=(0.5,)).shape == (2, 4, 4)
+  assert report.plots._display(np.zeros((2, 4, 4, 1)), mean=(0.5,), std=(0.5,)).shape == (2, 4, 4)
 
 
 def test_write_report_links_figures_and_tables(tmp_path):

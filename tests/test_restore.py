@@ -8,6 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tpp_jax import build as build_lib
 from tpp_jax import engine, evaluate, main
 from tpp_jax.checkpoints import restore, store
 
@@ -34,7 +35,7 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("restore")
   base = "demo,smoke,px32,steps=4,checkpoint_every=0"
   c = load_config("experiment", base + ",stage=pretrain")
-  enc = engine.build_encoder(c)
+  enc = build_lib.build_encoder(c)
   params = enc.init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))["params"]
   backbone = root / "backbone.safetensors"
   store.save_flat(backbone, {"encoder": params})

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpp_jax import build as build_lib
 from tpp_jax import engine, metrics
 from tpp_jax.objectives.segmentation import soft_dice_loss
 
@@ -29,7 +30,7 @@ def test_overfits_a_fixed_batch_of_four_polyps(kvasir_dir, tmp_path):
   fg = float(host["mask"].mean())
   assert 0.0 < fg < 0.7, fg  # real polyps: some foreground, mostly background
   host["valid"] = np.ones(4, bool)
-  batch = engine.global_batch(host, t.mesh)
+  batch = build_lib.global_batch(host, t.mesh)
 
   def dice(state):
     out = jax.device_get(t.eval_step(state["params"], state["aux"], batch))

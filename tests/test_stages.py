@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from tpp_jax import build as build_lib
 from tpp_jax import engine, partition, pipeline, stages
 from tpp_jax import tree as tree_lib
 from tpp_jax.checkpoints import load as load_lib
@@ -55,10 +56,10 @@ def test_table_lists_every_stage_once():
 @pytest.mark.parametrize("stage", TRAINING)
 @pytest.mark.parametrize("pretext", ["mae", "dino", "contrastive"])
 def test_every_training_stage_builds_what_the_table_says(stage, pretext):
-  """engine.build (abstract; nothing read or compiled): objective, PEFT leaves, labels, decoder loading."""
+  """build_lib.build (abstract; nothing read or compiled): objective, PEFT leaves, labels, decoder loading."""
   entry = stages.STAGES[stage]
   c = _config(stage, f"peft.type=lora,pretext.type={pretext}")
-  built = engine.build(c, devices=jax.devices()[:1])
+  built = build_lib.build(c, devices=jax.devices()[:1])
   kind = c.pretext.type if entry.objective == "pretext" else c.task.type
   assert entry.objective_kind(c) == kind and set(built.params) == {"encoder", OBJECTIVE_PARAMS[kind]}
   assert built.objective.needs_labels == entry.needs_labels
@@ -88,11 +89,11 @@ def test_bitfit_and_train_extra_follow_the_table():
   c = _config("finetune", "peft.type=bitfit")
   with c.unlocked():
     c.train_extra = (r"^encoder/norm/",)
-  built = engine.build(c, devices=jax.devices()[:1])
+  built = build_lib.build(c, devices=jax.devices()[:1])
   flat = {tree_lib.path_str(p): lab for p, lab in jax.tree_util.tree_flatten_with_path(built.labels)[0]}
   assert flat["encoder/blocks_0/attn/q/bias"] == "target" and flat["encoder/norm/scale"] == "target"
   assert flat["encoder/blocks_0/attn/q/kernel"] == "frozen"
-  lin = engine.build(_config("linear", "peft.type=bitfit"), devices=jax.devices()[:1])
+  lin = build_lib.build(_config("linear", "peft.type=bitfit"), devices=jax.devices()[:1])
   assert set(jax.tree_util.tree_leaves(lin.labels)) == {"frozen", "head"}
 
 
@@ -104,17 +105,17 @@ def test_a_new_stage_entry_is_picked_up(monkeypatch):
   rules = partition.default_rules("probe_mae", "lora")
   assert rules == [(stages.PRETEXT_HEADS, "head"), (r"^encoder/", "frozen")]
   c = _config("probe_mae", "peft.type=lora,pretext.type=mae")
-  enc = engine.build_encoder(c)
+  enc = build_lib.build_encoder(c)
   assert enc.peft.type == "none"
   assert type(make_objective(c, enc)).__name__ == "MAEObjective"
   assert load_lib.wants_decoder(c)
-  built = engine.build(c, devices=jax.devices()[:1])
+  built = build_lib.build(c, devices=jax.devices()[:1])
   by_top = _labels_by_top(built.labels)
   assert {k: v for k, v in by_top.items() if k != "pos_embed"} == {"encoder": {"frozen"}, "decoder": {"head"}}
   # and a task variant of it
   monkeypatch.setitem(stages.STAGES, "probe_task", stages.Stage("probe_task", "", objective="task", heads_label="head"))
   c = _config("probe_task", "task.type=segmentation")
-  assert type(make_objective(c, engine.build_encoder(c))).__name__ == "SegmentationObjective"
+  assert type(make_objective(c, build_lib.build_encoder(c))).__name__ == "SegmentationObjective"
 
 
 def test_pipeline_arms_come_from_the_table(tmp_path, monkeypatch):
@@ -146,7 +147,7 @@ def test_export_backbone_without_the_runs_init_file(tmp_path):
 
   from conftest import house_smoke_config
   c = house_smoke_config()
-  enc = engine.build_encoder(c)
+  enc = build_lib.build_encoder(c)
   params = enc.init(jax.random.key(5), np.zeros((1, 64, 64, 3), np.float32))["params"]
   backbone = tmp_path / "backbone.safetensors"
   store.save_flat(backbone, {"encoder": params})

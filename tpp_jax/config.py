@@ -16,17 +16,15 @@ from typing import Any, Callable, Mapping
 import ml_collections as mlc
 
 from tpp_jax import stages as stages_lib
+from tpp_jax.data import config as data_config
 from tpp_jax.data.config import SOURCES
+from tpp_jax.errors import ConfigError  # noqa: F401 -- its home for callers of config
 from tpp_jax.models.peft import PEFT_TYPES
 
 STAGES = tuple(stages_lib.STAGES)
 PRETEXTS = ("mae", "dino", "contrastive")
 TASKS = ("classification", "segmentation")
 INIT_FORMATS = ("auto", "timm", "hf_vit", "hf_vit_mae", "hf_dinov2", "big_vision", "tpp", "none")
-
-
-class ConfigError(ValueError):
-  """A user mistake in the config; main prints the message without a traceback."""
 
 
 def base_config() -> mlc.ConfigDict:
@@ -40,7 +38,7 @@ def base_config() -> mlc.ConfigDict:
       ln_eps=1e-6, layer_scale=False, drop_path=0.0, dropout=0.0, dtype="float32",
       attention="auto",  # auto: cuDNN on GPU in bf16, else XLA | xla | cudnn
       remat=False,       # recompute block activations in the backward pass (large models, long sequences)
-      frozen_dtype="auto"))  # auto: frozen weight matrices in bf16 when dtype is bf16 (engine.storage_dtypes) | float32
+      frozen_dtype="auto"))  # auto: frozen weight matrices in bf16 when dtype is bf16 (build.storage_dtypes) | float32
   # Backbone weights: path to a .pth / .safetensors / .npz (format auto-detected), or a tpp_jax
   # `pretrain` workdir (format 'tpp'), or '' for random init.
   # adapter: an exported adapter folder (tpp_jax.export --format adapter) whose target params AND task head
@@ -64,33 +62,10 @@ def base_config() -> mlc.ConfigDict:
       type="classification", num_classes=2, label_smoothing=0.0, class_weights=False,
       head="linear",             # linear | bn_linear (linear-probe baseline)
       seg_decoder_dim=64, dice_weight=1.0))
-  # The one data schema: tpp_jax.data.config.resolve() reads it (a partial block takes the rest from here).
-  c.data = mlc.ConfigDict(dict(
-      source="npz",              # npz | seg_folder | class_folder | tfds | jpeg_npz (tpp_jax.data.sources)
-      path="",                   # the .npz file or data folder (not used by tfds)
-      image_size=224, channels=3,  # square model input side; 1 (grey) or 3 channels
-      mean=(0.5,), std=(0.5,),   # (x/255 - mean)/std; 1 value (broadcast) or one per channel
-      augment=mlc.ConfigDict(dict(
-          crop_scale=(0.7, 1.0),     # random-resized-crop area fractions; None = plain resize
-          crop_ratio=(3 / 4, 4 / 3),  # its aspect-ratio range
-          hflip=True, vflip=False, rotate=0.0,  # rotate: max degrees
-          intensity=0.0,             # brightness/contrast jitter strength in [0, 1)
-          on_device=False)),         # crop / flips / normalisation in the jitted train step (the host ships uint8)
-      balance=False,             # class-balanced sampling of the training split
-      tfds_name="", tfds_data_dir="",
-      tfds_image_key="image", tfds_label_key="label", tfds_mask_key="mask",
-      tfds_splits="",            # "" = the dataset's splits; or "train=train[:90%],val=train[90%:]"
-      val_count=1000,            # jpeg_npz: the last N images are the val split
-      max_train_examples=0, max_eval_examples=0,  # fixed random subsets (0 = all)
-      label_fraction=1.0,        # stages that need labels train on this stratified fraction of the train split,
-                                 # drawn by seed (after max_train_examples); stage pipeline: set per arm
-      workers="0",               # training-input processes (grain multiprocessing): "auto" | "0" (in-process) | "N"
-      prefetch=2,                # batches the training iterator reads ahead (0 = none)
-      cache="auto",              # decoded images in memory: "auto" (split fits 2 GiB) | "on" | "off"
-  ))
+  c.data = mlc.ConfigDict(data_config.defaults())  # the data schema lives in tpp_jax/data/config.py
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=20, min_lr_ratio=0.01,
-      layer_decay=1.0))          # layer-wise lr decay in (0, 1] (BEiT/MAE; engine.make_tx); 1.0 = off
+      layer_decay=1.0))          # layer-wise lr decay in (0, 1] (BEiT/MAE; build.make_tx); 1.0 = off
   c.steps = 200
   c.epochs = 0                 # > 0: steps = ceil(epochs x train examples / batch_size), from the data (engine)
   c.batch_size = 64

@@ -16,6 +16,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tpp_jax import build as build_lib
 from tpp_jax import engine, stages
 from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.data import pipeline as data_pipeline
@@ -34,7 +35,7 @@ def eval_sources(config, splits) -> dict:
 
 def evaluate_split(run: restore_lib.LoadedRun, source, mesh=None, batch_size: int | None = None) -> dict:
   """Dataset-level metrics of `run` on one source, with the run's eval transform, sharded over `mesh`."""
-  mesh = mesh if mesh is not None else engine.make_mesh()
+  mesh = mesh if mesh is not None else build_lib.make_mesh()
   n_dev = mesh.devices.size
   bs = int(batch_size or run.config.eval_batch_size)
   bs = math.ceil(bs / n_dev) * n_dev
@@ -45,7 +46,7 @@ def evaluate_split(run: restore_lib.LoadedRun, source, mesh=None, batch_size: in
   fn = data_transforms.make_transform(run.config.data, train=False)
   for batch in data_pipeline.eval_batches(source, fn, bs // jax.process_count(),
                                           shard_index=jax.process_index(), shard_count=jax.process_count()):
-    out = step(params, aux, engine.global_batch(batch, mesh))
+    out = step(params, aux, build_lib.global_batch(batch, mesh))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       out = multihost_utils.process_allgather(out, tiled=True)
@@ -62,7 +63,7 @@ def run(config, workdir) -> dict:
   if not sources:
     raise engine.ConfigError(f"None of eval_splits={list(splits)} is in the run's data "
                              f"({loaded.config.data.path}); fix --config.eval_splits.")
-  mesh = engine.make_mesh()
+  mesh = build_lib.make_mesh()
   results = {split: evaluate_split(loaded, sources[split], mesh) for split in splits if split in sources}
   out = {"workdir": str(wd), "checkpoint": loaded.checkpoint, "step": int(loaded.step), "results": results}
   (wd / "eval.json").write_text(json.dumps(out, indent=2))

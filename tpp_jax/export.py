@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from tpp_jax import config as config_lib
-from tpp_jax.logging_utils import read_json
+from tpp_jax.jsonio import read_json
 
 FORMATS = ("adapter", "peft", "merged")
 LORA_TYPES = ("lora", "dora")

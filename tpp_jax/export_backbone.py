@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpp_jax import engine, report
+from tpp_jax import build as build_lib
+from tpp_jax import report
 from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
-from tpp_jax.logging_utils import read_jsonl
+from tpp_jax.jsonio import read_jsonl
 from tpp_jax.models.mae import patchify
 from tpp_jax.pipeline import mae_reconstructions
 
@@ -86,7 +87,7 @@ def export(run_dir, out_dir, name: str) -> dict:
   if cfg.stage != "pretrain":
     raise ValueError(f"{run_dir} is a {cfg.stage!r} run; export_backbone takes a `pretrain` run.")
   run = restore_lib.load_run(run_dir, "latest")  # the build step + the run's own checkpoint; no upstream file
-  trainer = RestoredRun(run, engine.build_sources(run.config))
+  trainer = RestoredRun(run, build_lib.build_sources(run.config))
   cfg, state = run.config, trainer.state
   params = jax.device_get(state["params"])
   weights = out_dir / f"{name}.safetensors"

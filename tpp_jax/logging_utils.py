@@ -1,4 +1,4 @@
-"""metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow), progress bars and the JSON file readers."""
+"""metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow) and progress bars."""
 from __future__ import annotations
 
 import json
@@ -53,21 +53,17 @@ class MetricsLogger:
         if k not in ("step", "stage", "split") and v is not None:
           self.tb.add_scalar(f"{split}/{k}", v, step)
 
-  def log_images(self, step: int, trainer, split: str | None = None):
-    """The report's figures of the trainer's stage as TensorBoard images `SPLIT/KIND` (beside the scalars).
-
-    KIND: `mae_reconstructions` (pretrain / tpp with MAE), `segmentation_overlays` (segmentation task stages).
-    A figure that fails warns and never stops training; single-process runs only (the figures are host-local).
-    """
+  def log_images(self, step: int, split: str, draw):
+    """Images `SPLIT/KIND` beside the scalars: `draw()` -> {kind: (H, W, 3) uint8} (figures.eval_images of the
+    trainer), called only where TensorBoard is on. A figure that fails warns and never stops training;
+    single-process runs only (the figures are host-local)."""
     if self.tb is None:
       return
     import jax
     if jax.process_count() > 1:
       return
-    from tpp_jax import pipeline
-    split = split or next((s for s in ("val", "test", "train") if s in trainer.sources), "train")
     try:
-      images = pipeline.eval_images(trainer, split)
+      images = draw()
     except Exception as e:  # noqa: BLE001 - a figure is not worth a training run
       print(f"warning: TensorBoard images skipped at step {step}: {type(e).__name__}: {e}", file=sys.stderr)
       return
@@ -83,35 +79,3 @@ class MetricsLogger:
 def progress(iterable, desc: str, enabled: bool = True, **kw):
   """A tqdm bar (step, loss, images/s, ETA) on stderr; a plain iterator when disabled."""
   return tqdm(iterable, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, **kw)
-
-
-def read_json(path, require_object: bool = False):
-  """The JSON value in `path` (config.json, summary.json, adapter_config.json, ...).
-
-  Invalid JSON (or, with require_object, anything but a JSON object) raises ConfigError naming the file.
-  """
-  path = pathlib.Path(path)
-  try:
-    out = json.loads(path.read_text())
-  except ValueError as e:
-    from tpp_jax.config import ConfigError
-    raise ConfigError(f"{path} is not valid JSON ({e}).") from None
-  if require_object and not isinstance(out, dict):
-    from tpp_jax.config import ConfigError
-    raise ConfigError(f"{path} does not hold a JSON object.")
-  return out
-
-
-def read_jsonl(path) -> list[dict]:
-  """Rows of a .jsonl file (metrics.jsonl); a missing file is [] and a torn line (interrupted run) is skipped."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    return []
-  rows = []
-  for line in path.read_text().splitlines():
-    if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows

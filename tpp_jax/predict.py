@@ -231,7 +231,7 @@ def predict(run_dir, input_path, out_dir, checkpoint: str = "best", batch_size: 
   """Predict every image of INPUT with the run in RUN; write OUT (see the module docstring)."""
   import jax
 
-  from tpp_jax import engine
+  from tpp_jax import build as build_lib
   from tpp_jax.checkpoints import restore
   from tpp_jax.data import transforms
   from tpp_jax.logging_utils import progress as progress_bar
@@ -244,7 +244,7 @@ def predict(run_dir, input_path, out_dir, checkpoint: str = "best", batch_size: 
   run = restore.load_run(run_dir, checkpoint)
   cfg, task = run.config, run.config.task.type
   names = class_names(cfg)
-  mesh = engine.make_mesh()
+  mesh = build_lib.make_mesh()
   n_dev = mesh.devices.size
   bs = math.ceil(int(batch_size or cfg.eval_batch_size) / n_dev) * n_dev
   step_fn = make_predict_fn(run, mesh)
@@ -267,7 +267,7 @@ def predict(run_dir, input_path, out_dir, checkpoint: str = "best", batch_size: 
     x = np.stack([p[2] for p in pending])
     if len(x) < bs:  # pad the last batch by repeating its last image
       x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])
-    res = np.asarray(jax.device_get(step_fn(params, aux, engine.global_batch({"image": x}, mesh)["image"])))
+    res = np.asarray(jax.device_get(step_fn(params, aux, build_lib.global_batch({"image": x}, mesh)["image"])))
     for (item, image, _, _), r in zip(pending, res):
       writer.add(item, r, image)
     bar.update(len(pending))

@@ -24,7 +24,7 @@ import threading
 import time
 
 from tpp_jax import config as config_lib
-from tpp_jax.logging_utils import read_json
+from tpp_jax.jsonio import read_json
 from tpp_jax.tree import flatten
 
 ConfigError = config_lib.ConfigError

@@ -28,7 +28,7 @@ import numpy as np
 
 from tpp_jax import config as config_lib
 from tpp_jax.checkpoints.hf_export import flatten
-from tpp_jax.logging_utils import read_json
+from tpp_jax.jsonio import read_json
 from tpp_jax.tree import unflatten
 
 ConfigError = config_lib.ConfigError

@@ -27,7 +27,7 @@ from tpp_jax import config as config_lib
 from tpp_jax import stages as stages_lib
 from tpp_jax import tree as tree_lib
 from tpp_jax.checkpoints import store as store_lib
-from tpp_jax.logging_utils import read_json
+from tpp_jax.jsonio import read_json
 from tpp_jax.models.peft import reset_dora_magnitudes
 
 ConfigError = config_lib.ConfigError

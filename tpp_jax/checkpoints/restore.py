@@ -2,7 +2,7 @@
 
   run = load_run("RUN", checkpoint="best")   # -> LoadedRun(config, encoder, objective, params, aux, step, ...)
 
-The parameter tree is built abstractly by the Trainer's own build code (engine.build_model + engine.abstract_state:
+The parameter tree is built abstractly by the Trainer's own build code (build.build_model + build.abstract_state:
 jax.eval_shape over the model/objective init, with a dummy batch shaped from the config), so neither the training
 data, nor the backbone file (`init.path`), nor the TPP run (`target_init`) has to exist any more: the checkpoint
 holds every parameter.
@@ -17,9 +17,10 @@ import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tpp_jax import build as build_lib
 from tpp_jax import config as config_lib
 from tpp_jax.checkpoints import store as store_lib
-from tpp_jax.logging_utils import read_json
+from tpp_jax.jsonio import read_json
 from tpp_jax.models.vit import ViT
 
 CHECKPOINTS = ("best", "latest")
@@ -28,7 +29,7 @@ CHECKPOINTS = ("best", "latest")
 @dataclasses.dataclass
 class LoadedRun:
   config: mlc.ConfigDict   # the run's resolved config (RUN/config.json)
-  encoder: ViT             # engine.build_encoder(config)
+  encoder: ViT             # build.build_encoder(config)
   objective: object        # objectives.make_objective(config, encoder)
   params: dict             # the full param tree restored from the checkpoint (numpy arrays)
   aux: dict                # non-gradient state (BatchNorm stats, DINO teacher); {} if none
@@ -63,12 +64,6 @@ def _arm_folders(folder: pathlib.Path) -> list[str]:
   return [str(p) for p in found[:6]] + (["..."] if len(found) > 6 else [])
 
 
-def abstract_state(config, encoder, objective) -> tuple[dict, dict]:
-  """Shapes/dtypes (ShapeDtypeStruct trees) of (params, aux): the engine's build code (engine.abstract_state)."""
-  from tpp_jax import engine
-  return engine.abstract_state(config, encoder, objective)
-
-
 def _restore(folder: pathlib.Path, abstract: dict) -> tuple[dict, int] | None:
   """Partial restore of {'params', 'aux'} (as numpy) from the newest step in `folder`; None if it has none."""
   if not folder.is_dir():
@@ -96,13 +91,12 @@ def _restore(folder: pathlib.Path, abstract: dict) -> tuple[dict, int] | None:
 
 def load_run(run_dir, checkpoint: str = "best") -> LoadedRun:
   """Model, objective and restored params/aux of a finished run; 'best' falls back to 'latest' if none."""
-  from tpp_jax import engine
   if checkpoint not in CHECKPOINTS:
     raise config_lib.ConfigError(f"checkpoint={checkpoint!r} must be one of {list(CHECKPOINTS)}.")
   run_dir = pathlib.Path(run_dir).expanduser().absolute()
   config = config_lib.validate(read_run_config(run_dir))
-  encoder, objective = engine.build_model(config)  # the Trainer's build code; no weight file is read
-  params, aux = engine.abstract_state(config, encoder, objective)
+  encoder, objective = build_lib.build_model(config)  # the Trainer's build code; no weight file is read
+  params, aux = build_lib.abstract_state(config, encoder, objective)
   abstract = {"params": params, "aux": aux}
   order = ["best", "latest"] if checkpoint == "best" else ["latest"]
   for which in order:

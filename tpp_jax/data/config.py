@@ -1,7 +1,7 @@
 """The ``data`` config block as a typed, validated view.
 
-The fields and their defaults are those of ``tpp_jax.config.base_config().data``
-(the one schema, documented there); a partial block (a plain dict in tests, an
+The fields and their defaults are ``defaults()`` (``tpp_jax.config.base_config().data``,
+the one schema); a partial block (a plain dict in tests, an
 older run's config.json) takes the fields it lacks from there. ``resolve``
 only checks values and converts them to the ``DataConfig`` types.
 """
@@ -39,11 +39,37 @@ def lookup(cfg: Any, name: str, default: Any = None,
   return node
 
 
+def defaults() -> dict:
+  """The data block's fields and defaults: the one data schema (``base_config().data``); resolve() reads it (a
+  partial block takes the rest from here)."""
+  return dict(
+    source="npz",              # npz | seg_folder | class_folder | tfds | jpeg_npz (tpp_jax.data.sources)
+    path="",                   # the .npz file or data folder (not used by tfds)
+    image_size=224, channels=3,  # square model input side; 1 (grey) or 3 channels
+    mean=(0.5,), std=(0.5,),   # (x/255 - mean)/std; 1 value (broadcast) or one per channel
+    augment=dict(
+        crop_scale=(0.7, 1.0),     # random-resized-crop area fractions; None = plain resize
+        crop_ratio=(3 / 4, 4 / 3),  # its aspect-ratio range
+        hflip=True, vflip=False, rotate=0.0,  # rotate: max degrees
+        intensity=0.0,             # brightness/contrast jitter strength in [0, 1)
+        on_device=False),         # crop / flips / normalisation in the jitted train step (the host ships uint8)
+    balance=False,             # class-balanced sampling of the training split
+    tfds_name="", tfds_data_dir="",
+    tfds_image_key="image", tfds_label_key="label", tfds_mask_key="mask",
+    tfds_splits="",            # "" = the dataset's splits; or "train=train[:90%],val=train[90%:]"
+    val_count=1000,            # jpeg_npz: the last N images are the val split
+    max_train_examples=0, max_eval_examples=0,  # fixed random subsets (0 = all)
+    label_fraction=1.0,        # stages that need labels train on this stratified fraction of the train split,
+                               # drawn by seed (after max_train_examples); stage pipeline: set per arm
+    workers="0",               # training-input processes (grain multiprocessing): "auto" | "0" (in-process) | "N"
+    prefetch=2,                # batches the training iterator reads ahead (0 = none)
+    cache="auto",              # decoded images in memory: "auto" (split fits 2 GiB) | "on" | "off"
+  )
+
+
 @functools.lru_cache(maxsize=1)
 def _defaults():
-  """``base_config().data`` (imported lazily: data workers need no jax)."""
-  from tpp_jax import config  # pylint: disable=g-import-not-at-top
-  return config.base_config().data.to_dict()
+  return defaults()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,7 +95,7 @@ class ViTConfig:
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "ViTConfig":
     d = dict(model_cfg)
-    d.pop("frozen_dtype", None)  # how the engine stores frozen weights (engine.storage_dtypes), not architecture
+    d.pop("frozen_dtype", None)  # how the engine stores frozen weights (build.storage_dtypes), not architecture
     variant = d.pop("variant", "Ti/16")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
