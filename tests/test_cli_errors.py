@@ -138,3 +138,12 @@ def test_a_wrong_type_in_the_config_argument_is_one_line_and_one_value_fills_a_t
   with pytest.raises(config_lib.ConfigError, match=r"steps='abc' has the wrong type: the field holds int values"):
     load_config("default", "smoke,steps=abc")
   assert load_config("default", "smoke,pipeline.label_fractions=0.25").pipeline.label_fractions == (0.25,)
+
+
+def test_help_lists_every_config_field_and_exits_0():
+  from tpp_jax import config_help
+  r = run_cli(["--help"])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout == config_help.text_help()
+  for name, _, _ in config_help.fields():
+    assert f"  {name} = " in r.stdout, name

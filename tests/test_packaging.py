@@ -3,7 +3,7 @@
 The wheel is built from a copy of the sources (building in the checkout would write build/ and *.egg-info
 there) with `pip wheel --no-deps --no-build-isolation --no-index` and installed with `pip install --target`;
 the dependencies come from the running environment. Every command then runs in a temporary folder that is
-not the checkout, so `configs/NAME.py` there can only be the packaged tpp_jax/configs copy. ~15 s.
+not the checkout, so `configs/NAME.py` there can only be the installed tpp_jax/configs copy. ~15 s.
 """
 import json
 import os
@@ -29,7 +29,8 @@ def installed(tmp_path_factory):
   """(wheel, target folder) of a no-deps build + install of this checkout."""
   tmp = tmp_path_factory.mktemp("packaging")
   src = tmp / "src"
-  shutil.copytree(ROOT / "tpp_jax", src / "tpp_jax", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+  for folder in ("tpp_jax", "configs"):  # configs/ is the package tpp_jax.configs (pyproject package-dir)
+    shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
   for name in ("pyproject.toml", "README.md"):
     shutil.copy(ROOT / name, src / name)
   _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"), str(src), cwd=tmp)
@@ -102,3 +103,11 @@ def test_console_script_errors_are_one_line(installed):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and want in errors[0], r.stderr[-2000:]
+
+
+def test_pyproject_lists_every_package():
+  """pyproject.toml names its packages (configs/ is mapped in as tpp_jax.configs): a new subpackage must be added."""
+  import tomllib
+  listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+  found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "tpp_jax").rglob("__init__.py")}
+  assert listed == found | {"tpp_jax.configs"}, listed ^ (found | {"tpp_jax.configs"})

@@ -134,7 +134,8 @@ def apply_overrides(config: mlc.ConfigDict, overrides: Mapping[str, Any]) -> mlc
 
 
 def resolve_config_path(path: str) -> str:
-  """A `--config` file; a missing `configs/NAME.py` (or `NAME.py`) is the packaged tpp_jax/configs/NAME.py.
+  """A `--config` file; a missing `configs/NAME.py` (or `NAME.py`) is the installed tpp_jax/configs/NAME.py
+  (the same file: configs/ is the package tpp_jax.configs).
 
   So `--config configs/default.py` works outside a checkout, after `pip install`. Raises ConfigError otherwise.
   """

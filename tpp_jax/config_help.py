@@ -189,7 +189,7 @@ USAGE = """\
 usage: python -m tpp_jax.main --config configs/NAME.py[:PRESETS,key=value] [--workdir DIR] [--config.FIELD=VALUE ...]
 
 Runs the config's stage in the workdir DIR. configs/NAME.py defines get_config(arg), usually base_config() plus
-changes (a configs/NAME.py missing here is the packaged tpp_jax/configs/NAME.py); :ARG is a comma list of its presets
+changes (a configs/NAME.py missing here is the installed copy); :ARG is a comma list of its presets
 and dotted overrides (configs/default.py:seeds=5). --config.FIELD=VALUE overrides one field below with a Python
 literal (else a string), e.g. --config.peft.rank=4 --config.data.cache=off. An unknown field is an error.
 """

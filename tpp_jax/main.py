@@ -142,6 +142,10 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 
 def entry():
   """The `tpp-jax` console command and `python -m tpp_jax.main`."""
+  if any(a in ("-h", "--help", "--helpshort") for a in sys.argv[1:]):
+    from tpp_jax import config_help
+    print(config_help.text_help(), end="")
+    sys.exit(0)
   from tpp_jax.config import ConfigError
   try:
     sys.argv = resolve_config_argv(sys.argv)
