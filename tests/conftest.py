@@ -57,12 +57,14 @@ def load_config(name: str, arg: str | None = None):
   return load_config_file(f"{ROOT / 'configs' / name}.py" + (f":{arg}" if arg else ""))
 
 
-def run_cli(args, cwd=None, timeout=600, env=None):
-  """Run `python -m tpp_jax.main ARGS` in a fresh process (8 fake CPU devices; `env`: extra variables)."""
+def run_cli(args, cwd=None, timeout=600, env=None, fault=None):
+  """Run `python -m tpp_jax.main ARGS` in a fresh process (8 fake CPU devices; `env`: extra variables); with
+  `fault` ('<workdir name>:<event>:<step>[:<signal>]') through tests/fault_inject.py, which kills it there."""
   import subprocess
   import sys
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu", **(env or {})}
-  return subprocess.run([sys.executable, "-m", "tpp_jax.main", *args], cwd=cwd or ROOT, env=env,
+  entry = ["-m", "tpp_jax.main"] if fault is None else [str(ROOT / "tests" / "fault_inject.py"), fault]
+  return subprocess.run([sys.executable, *entry, *args], cwd=cwd or ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 

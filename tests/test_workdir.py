@@ -57,7 +57,7 @@ def test_pipeline_killed_at_any_point_resumes_to_the_uninterrupted_result(tmp_pa
                  "tpp_finetune:eval:3",           # between an eval (best kept) and the next checkpoint
                  "baseline:final_checkpoint:6")   # after the last checkpoint, before the final eval and summary
   for fault in kill_points:
-    r = run_cli(cli, env={**one_device, "TPP_FAULT": fault})
+    r = run_cli(cli, env=one_device, fault=fault)
     assert r.returncode == -signal.SIGKILL, (fault, r.stderr[-2000:])
   r = run_cli(cli, env=one_device)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -127,7 +127,7 @@ def test_sigterm_and_sigint_checkpoint_stop_and_resume_exactly(tmp_path, finishe
   ref = finished_run
   wd = tmp_path / "run"
   cli = ["--config", f"configs/experiment.py:{RUN_ARG}", "--workdir", str(wd)]
-  r = run_cli(cli, env={"TPP_FAULT": f"run:step:5:{sig}"})
+  r = run_cli(cli, fault=f"run:step:5:{sig}")
   signum = getattr(signal, "SIG" + sig)
   assert r.returncode == 128 + signum, r.stderr[-2000:]
   assert r.stderr.strip() == (f"stopped: SIG{sig}: stopped at step 5 of 6 after saving checkpoint step 5 in "

@@ -163,7 +163,6 @@ class Trainer:
       self.state, mets = self.train_step(self.state, global_batch(batch, self.mesh), self.base_rng)
       done = step + 1
       self._unchecked.append((done, mets.pop(FINITE)))
-      fault_point(wd, "step", done)
       logged = done % log_every == 0 or done == stop
       if logged:
         mets = jax.device_get(mets)  # waits for this step
@@ -182,11 +181,9 @@ class Trainer:
       if c.eval_every and done % int(c.eval_every) == 0 and done != steps:
         self._check_finite(store)
         best = self._eval_and_keep_best(done, logger, store, best)
-        fault_point(wd, "eval", done)
         window = None
       if c.checkpoint_every and done % int(c.checkpoint_every) == 0 and done != steps:
         self._save(store, done, it)
-        fault_point(wd, "checkpoint", done)
         window = None
       if (signum := workdir_lib.stop_requested()) is not None and done < stop:
         self._save(store, done, it, force=True)
@@ -203,7 +200,6 @@ class Trainer:
       return {"stage": c.stage, "stopped_at": stop}
     if done > start:
       self._save(store, steps, it, force=True)
-      fault_point(wd, "final_checkpoint", steps)
     final = {}
     for split in c.eval_splits:
       if split in self.sources:
@@ -294,17 +290,6 @@ class Trainer:
         f"Non-finite values (NaN / Inf) in the loss, gradients or parameters at step {bad}; training stopped. Lower "
         f"optim.lr (now {self.config.optim.lr}), keep optim.clip_norm > 0, or check the data normalisation "
         f"(data.mean/std). {kept}")
-
-
-def fault_point(workdir: pathlib.Path, event: str, step: int):
-  """Test hook for the interruption tests: TPP_FAULT='<workdir name>:<event>:<step>[:<signal>]' sends this process
-  SIGKILL (or the named signal, e.g. TERM / INT) at that point. Events: step, eval, checkpoint, final_checkpoint."""
-  spec = os.environ.get("TPP_FAULT")
-  if not spec:
-    return
-  name, ev, at, *sig = spec.split(":")
-  if name == workdir.name and ev == event and int(at) == step:
-    os.kill(os.getpid(), getattr(signal, "SIG" + sig[0]) if sig else signal.SIGKILL)
 
 
 def _json_default(o):
