@@ -30,7 +30,7 @@ def _warn_once(message: str) -> None:
 def padded_attention(q, k, v, implementation: str):
   """jax.nn.dot_product_attention of (B, T, H, D) inputs with T padded to even: one zero token appended to q, k and
   v, hidden from every query by key_value_seq_lengths = T, and its output row dropped. Same values and gradients as
-  the unpadded call (tests/test_attention.py, through implementation='xla')."""
+  the unpadded call (tests/models/test_attention.py, through implementation='xla')."""
   b, t = q.shape[:2]
   if t % 2 == 0:
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)

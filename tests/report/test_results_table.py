@@ -4,10 +4,9 @@ import sys
 
 import numpy as np
 import pytest
+from test_report import make_pipeline, scipy_paired, scipy_verdict
 
-from tests.test_report import make_pipeline, scipy_paired, scipy_verdict
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def _rows(text: str, title: str) -> list[list[str]]:

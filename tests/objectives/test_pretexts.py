@@ -11,7 +11,7 @@ the head's). DINO: the loss falls well below log(out_dim). NT-Xent matches a tor
 DINO runs here with teacher_momentum = 1 (the teacher stays the init network, centred and sharpened): with an
 EMA teacher the two runs chase different targets and their final losses are not comparable (on this batch a
 0.7-momentum teacher gave 0.24 / 3.83 / 0.08 after 30 / 40 / 60 steps, both runs alike); the EMA update and
-the teacher's frozen leaves are covered by tests/test_objectives.py.
+the teacher's frozen leaves are covered by tests/objectives/test_objectives.py.
 Run with -s to see the numbers.
 """
 import functools

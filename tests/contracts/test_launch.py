@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
 CONFIGS = ROOT / "configs"
 NOTEBOOK = LAUNCH / "colab_tpu.ipynb"

@@ -263,7 +263,7 @@ def test_input_pipeline_benchmark_cli():
   import pathlib
   import subprocess
   import sys
-  root = pathlib.Path(__file__).resolve().parents[1]
+  root = pathlib.Path(__file__).resolve().parents[2]
   r = subprocess.run([sys.executable, "benchmarks/input_pipeline.py", "--config", "configs/experiment.py:smoke,px32",
                       "--batches", "2", "--steps", "1", "--workers", "0", "--cache", "on,off"],
                      cwd=root, capture_output=True, text=True, timeout=300)

@@ -21,7 +21,7 @@ import sys
 import time
 import types
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "launch" / "colab_tpu.ipynb"
 MAGIC_RE = re.compile(r"^(\s*)([!%])(.*)$")
 
