@@ -17,10 +17,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpp_jax import build as build_lib
-from tpp_jax import engine, stages
+from tpp_jax import stages
 from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
+from tpp_jax.errors import ConfigError
 
 
 def eval_sources(config, splits) -> dict:
@@ -61,8 +62,8 @@ def run(config, workdir) -> dict:
   splits = tuple(config.eval_splits)
   sources = eval_sources(loaded.config, splits)
   if not sources:
-    raise engine.ConfigError(f"None of eval_splits={list(splits)} is in the run's data "
-                             f"({loaded.config.data.path}); fix --config.eval_splits.")
+    raise ConfigError(f"None of eval_splits={list(splits)} is in the run's data "
+                      f"({loaded.config.data.path}); fix --config.eval_splits.")
   mesh = build_lib.make_mesh()
   results = {split: evaluate_split(loaded, sources[split], mesh) for split in splits if split in sources}
   out = {"workdir": str(wd), "checkpoint": loaded.checkpoint, "step": int(loaded.step), "results": results}

@@ -330,7 +330,7 @@ def main(argv=None):
   a = ap.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-  from tpp_jax.engine import ConfigError
+  from tpp_jax.errors import ConfigError
   try:
     return predict(a.run, a.input, a.out, a.checkpoint, a.batch_size, a.split, progress=not a.no_progress)
   except (PredictError, ConfigError) + USER_ERRORS as e:
