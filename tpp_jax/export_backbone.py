@@ -30,9 +30,9 @@ from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
+from tpp_jax.figures import mae_reconstructions
 from tpp_jax.jsonio import read_jsonl
 from tpp_jax.models.mae import patchify
-from tpp_jax.pipeline import mae_reconstructions
 
 
 class RestoredRun:
