@@ -36,7 +36,7 @@ from tpp_jax.models.mae import patchify
 
 
 class RestoredRun:
-  """What heldout_eval / pipeline.mae_reconstructions read of a trainer, from a restored run and its data."""
+  """What heldout_eval / figures.mae_reconstructions read of a trainer, from a restored run and its data."""
 
   def __init__(self, run: restore_lib.LoadedRun, sources: dict):
     self.config, self.encoder, self.objective = run.config, run.encoder, run.objective
