@@ -3,6 +3,7 @@ shared-data locator."""
 import atexit
 import csv
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the CLI subprocesses they start) compile the same small train / eval steps: a cache for the session
-# compiles each once (tests/test_workdir.py: 431 -> 302 s). Your own JAX_COMPILATION_CACHE_DIR is kept.
+# compiles each once. Your own JAX_COMPILATION_CACHE_DIR is kept.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _XLA_CACHE = tempfile.mkdtemp(prefix="tpp_jax_tests_xla_cache_")
   atexit.register(shutil.rmtree, _XLA_CACHE, True)
@@ -151,3 +152,86 @@ def check_attention_against_torch(fn, shape, seed):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   for g, tg in zip(grads, ref_grads):
     np.testing.assert_allclose(g, tg, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Runs trained once per test session and read by several test files (each file no longer trains its own copy)
+# ------------------------------------------------------------------------------------------------------------------
+
+def shared_run(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """The folder of a run made once per session: the first test to ask calls `make(folder)` under a file lock; every
+  other test, in any pytest-xdist worker, gets the finished folder. Tests must not change what they read there."""
+  from filelock import FileLock
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
+  folder = root / "shared_runs" / name
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  with FileLock(str(folder.parent / f"{name}.lock")):
+    if not (folder.parent / f"{name}.done").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      make(folder)
+      (folder.parent / f"{name}.done").touch()
+  return folder
+
+
+# configs/default.py:smoke with the bracket arms (linear probe, full fine-tune), evaluated every step
+SMOKE_PIPELINE_ARG = "smoke,pipeline.brackets=True,eval_every=1"
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory) -> pathlib.Path:
+  """The product's front door through the CLI: the default smoke pipeline (house backbone, tpp, tpp_finetune,
+  baseline, linear, full; report.md)."""
+  def make(folder):
+    r = run_cli(["--config", f"configs/default.py:{SMOKE_PIPELINE_ARG}", "--workdir", str(folder / "run")])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+  return shared_run(tmp_path_factory, "smoke_pipeline", make) / "run"
+
+
+def seg_folder(root: pathlib.Path, n: int = 40, size: int = 32) -> pathlib.Path:
+  """A segmentation folder of `n` noise images with a bright square (the mask), split train, train, val, test."""
+  rng = np.random.default_rng(0)
+  (root / "images").mkdir(parents=True)
+  (root / "masks").mkdir()
+  rows = ["image,mask,split"]
+  for i in range(n):
+    img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    y, x = rng.integers(4, size - 12, 2)
+    mask[y:y + 10, x:x + 10] = 255
+    img[mask > 0] = 230  # a bright square to segment
+    Image.fromarray(img).save(root / "images" / f"{i}.png")
+    Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    rows.append(f"images/{i}.png,masks/{i}.png,{('train', 'train', 'val', 'test')[i % 4]}")
+  (root / "split.csv").write_text("\n".join(rows) + "\n")
+  return root
+
+
+@pytest.fixture(scope="session")
+def seg_run(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+  """(run folder, data folder) of a 2-step segmentation fine-tune on `seg_folder` (32 px)."""
+  def make(folder):
+    from tpp_jax import engine
+    c = load_config("experiment", "kvasir,smoke,px32,steps=2,eval_every=0,checkpoint_every=0")
+    c.data.path = str(seg_folder(folder / "data"))
+    engine.train(c, folder / "run")
+  folder = shared_run(tmp_path_factory, "seg_run", make)
+  return folder / "run", folder / "data"
+
+
+@pytest.fixture(scope="session")
+def cls_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
+  """(run folder, its eval.json test metrics) of a tiny classification run on the shipped demo X-rays (full
+  fine-tune, class weights: both classes get predicted), evaluated on the whole test split by its `eval` stage
+  through the CLI."""
+  def make(folder):
+    from tpp_jax import main
+    c = load_config("experiment", "demo,smoke,px32,stage=full,steps=30,optim.lr=3e-3,optim.warmup_steps=5,"
+                                  "task.class_weights=True,data.max_eval_examples=0,eval_splits=('test',)")
+    main.run(c, str(folder / "run"))
+    r = run_cli(["--config", "configs/experiment.py:stage=eval,eval_splits=('test',),eval_checkpoint=latest",
+                 "--workdir", str(folder / "run")])
+    assert r.returncode == 0, r.stderr[-3000:]
+  wd = shared_run(tmp_path_factory, "cls_run", make) / "run"
+  return wd, json.loads((wd / "eval.json").read_text())["results"]["test"]

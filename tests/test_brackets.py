@@ -10,19 +10,16 @@ from tpp_jax import config as config_lib
 from tpp_jax import evaluate, pipeline
 from tpp_jax.checkpoints import restore
 
-from conftest import load_config, run_cli
+from conftest import load_config
 
-# eval_every=1: every step is a candidate best, so some arm peaks before its last step (the full fine-tune does)
-ARGS = "smoke,pipeline.brackets=True,eval_every=1"
 FT_ARMS = ("tpp_finetune", "baseline", "linear", "full")
 
 
-@pytest.fixture(scope="module")
-def brackets_run(tmp_path_factory) -> pathlib.Path:
-  wd = tmp_path_factory.mktemp("brackets") / "run"
-  r = run_cli(["--config", f"configs/default.py:{ARGS}", "--workdir", str(wd)])
-  assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-  return wd
+@pytest.fixture
+def brackets_run(smoke_pipeline) -> pathlib.Path:
+  """conftest.SMOKE_PIPELINE_ARG (shared with tests/test_pipeline.py): eval_every=1 makes every step a candidate best,
+  so some arm peaks before its last step (the full fine-tune does)."""
+  return smoke_pipeline
 
 
 def _summary(run: pathlib.Path) -> dict:

@@ -8,32 +8,32 @@ import pytest
 from tpp_jax import engine, evaluate, pipeline
 from tpp_jax.checkpoints import store
 
-from conftest import load_config
+from conftest import SMOKE_PIPELINE_ARG, load_config
 
 
-def test_default_smoke_pipeline_writes_report_and_all_arms(tmp_path):
-  c = load_config("default", "smoke")
-  out = pipeline.run(c, tmp_path)
-  for arm in ("tpp", "tpp_finetune", "baseline"):
-    s = json.loads((tmp_path / "seed_0" / arm / "summary.json").read_text())
+def test_default_smoke_pipeline_writes_report_and_all_arms(smoke_pipeline):
+  wd = smoke_pipeline  # configs/default.py:smoke with the bracket arms, through the CLI (conftest)
+  arms = ("tpp", "tpp_finetune", "baseline", "linear", "full")
+  for arm in arms[:3]:
+    s = json.loads((wd / "seed_0" / arm / "summary.json").read_text())
     assert s["stage"] == ("tpp" if arm == "tpp" else "finetune")
     assert "house_vit_ti8_64" in s["init"], s["init"]  # the shipped house backbone was loaded
-  ft = json.loads((tmp_path / "seed_0" / "tpp_finetune" / "summary.json").read_text())
-  base = json.loads((tmp_path / "seed_0" / "baseline" / "summary.json").read_text())
+  ft = json.loads((wd / "seed_0" / "tpp_finetune" / "summary.json").read_text())
+  base = json.loads((wd / "seed_0" / "baseline" / "summary.json").read_text())
   assert ft["target_init"]["path"].endswith("seed_0/tpp") and base["target_init"] is None
   assert set(ft["final"]["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "auc"}
-  report = (tmp_path / "report.md").read_text()
+  report = (wd / "report.md").read_text()
   for png in ("learning_curves.png", "mae_reconstructions.png"):
-    assert (tmp_path / png).stat().st_size > 1000 and png in report
+    assert (wd / png).stat().st_size > 1000 and png in report
   assert "tpp_finetune" in report and "baseline" in report
-  assert out["report"].endswith("report.md")
 
   # a rerun of the finished pipeline reuses every arm: nothing is retrained, re-evaluated or rewritten
-  summaries = {a: (tmp_path / "seed_0" / a / "summary.json") for a in ("tpp", "tpp_finetune", "baseline")}
+  summaries = {a: (wd / "seed_0" / a / "summary.json") for a in arms}
   before = {a: (p.stat().st_mtime_ns, p.read_text()) for a, p in summaries.items()}
-  again = pipeline.run(c, tmp_path)
+  again = pipeline.run(load_config("default", SMOKE_PIPELINE_ARG), wd)
   assert {a: (p.stat().st_mtime_ns, p.read_text()) for a, p in summaries.items()} == before
-  assert again["runs"] == out["runs"]
+  assert again["report"] == str(wd / "report.md")
+  assert again["runs"] == {f"seed_0/{a}": json.loads(before[a][1])["final"] for a in arms}
 
 
 def test_eval_stage_reproduces_the_final_metrics(tmp_path, pneumonia_npz):

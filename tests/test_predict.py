@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tpp_jax import main as tpp_main
 from tpp_jax import predict
 
-from conftest import ROOT, load_config, run_cli
+from conftest import ROOT
 
 DEMO = ROOT / "tpp_jax" / "assets" / "demo_cxr_64" / "demo_cxr_64.npz"
 
@@ -36,20 +35,6 @@ def fails_cleanly(argv, capsys, match):
   err = capsys.readouterr().err
   assert e.value.code == 2 and "Traceback" not in err and err.startswith("error: "), err
   assert match in err, err
-
-
-@pytest.fixture(scope="module")
-def cls_run(tmp_path_factory):
-  """A tiny classification run on the shipped demo X-rays (full fine-tune, class weights: both classes
-  get predicted), evaluated on the whole test split by its `eval` stage through the CLI."""
-  wd = tmp_path_factory.mktemp("predict") / "run"
-  c = load_config("experiment", "demo,smoke,px32,stage=full,steps=30,optim.lr=3e-3,optim.warmup_steps=5,"
-                                "task.class_weights=True,data.max_eval_examples=0,eval_splits=('test',)")
-  tpp_main.run(c, str(wd))
-  r = run_cli(["--config", "configs/experiment.py:stage=eval,eval_splits=('test',),eval_checkpoint=latest",
-               "--workdir", str(wd)])
-  assert r.returncode == 0, r.stderr[-3000:]
-  return wd, json.loads((wd / "eval.json").read_text())["results"]["test"]
 
 
 def test_classification_matches_the_eval_stage(cls_run, tmp_path):
@@ -138,35 +123,19 @@ def test_bad_input_or_run_is_one_clear_error(cls_run, tmp_path, capsys):
   assert r.stderr.startswith("error: ") and "'tpp' run: it has no task head" in r.stderr, r.stderr
 
 
-def test_segmentation_masks_at_the_original_size(tmp_path):
+def test_segmentation_masks_at_the_original_size(seg_run, tmp_path):
+  run, data = seg_run
   rng = np.random.default_rng(0)
-  data = tmp_path / "seg"
-  for sub in ("images", "masks"):
-    (data / sub).mkdir(parents=True)
-  rows = ["image,mask,split"]
-  for i in range(12):
-    img = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
-    mask = np.zeros((40, 40), np.uint8)
-    y, x = rng.integers(4, 20, 2)
-    mask[y:y + 16, x:x + 16] = 255
-    img[mask > 0] += 150
-    Image.fromarray(img).save(data / "images" / f"{i}.png")
-    Image.fromarray(mask).save(data / "masks" / f"{i}.png")
-    rows.append(f"images/{i}.png,masks/{i}.png,{'train' if i < 8 else 'val' if i < 10 else 'test'}")
-  (data / "split.csv").write_text("\n".join(rows) + "\n")
-  c = load_config("experiment", "kvasir,smoke,px32,steps=2,batch_size=8,eval_batch_size=8,eval_splits=('val',)")
-  c.data.path = str(data)
-  tpp_main.run(c, str(tmp_path / "run"))
   new = tmp_path / "new"
   (new / "a").mkdir(parents=True)
   Image.fromarray(rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)).save(new / "a" / "wide.png")
   Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(new / "grey.jpg")
   shutil.copy(data / "images" / "11.png", new / "polyp.png")
-  predict.main([str(tmp_path / "run"), str(new), str(tmp_path / "out"), "--no-progress"])
+  predict.main([str(run), str(new), str(tmp_path / "out"), "--no-progress"])
   out = tmp_path / "out"
   rows = {x["file"]: x for x in read_csv(out / "predictions.csv")}
   assert set(rows) == {"a/wide.png", "grey.jpg", "polyp.png"}
-  for name, (h, w) in {"a/wide.png": (37, 50), "grey.jpg": (64, 64), "polyp.png": (40, 40)}.items():
+  for name, (h, w) in {"a/wide.png": (37, 50), "grey.jpg": (64, 64), "polyp.png": (32, 32)}.items():
     r = rows[name]
     mask = np.asarray(Image.open(out / r["mask"]))
     over = np.asarray(Image.open(out / r["overlay"]))

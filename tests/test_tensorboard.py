@@ -75,42 +75,18 @@ def test_tpp_run_writes_mae_reconstructions(tmp_path):
   assert ("val/loss", 2) in scalars and ("train/loss", 4) in scalars  # the scalars are still there
 
 
-def _seg_folder(root: pathlib.Path, n: int = 40, size: int = 32) -> pathlib.Path:
-  rng = np.random.default_rng(0)
-  (root / "images").mkdir(parents=True)
-  (root / "masks").mkdir()
-  rows = ["image,mask,split"]
-  for i in range(n):
-    img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    mask = np.zeros((size, size), np.uint8)
-    y, x = rng.integers(4, size - 12, 2)
-    mask[y:y + 10, x:x + 10] = 255
-    img[mask > 0] = 230  # a bright square to segment
-    Image.fromarray(img).save(root / "images" / f"{i}.png")
-    Image.fromarray(mask).save(root / "masks" / f"{i}.png")
-    rows.append(f"images/{i}.png,masks/{i}.png,{('train', 'train', 'val', 'test')[i % 4]}")
-  (root / "split.csv").write_text("\n".join(rows) + "\n")
-  return root
-
-
-def test_segmentation_run_writes_overlays(tmp_path):
-  c = load_config("experiment", "kvasir,smoke,px32,steps=2,eval_every=0,checkpoint_every=0")
-  c.data.path = str(_seg_folder(tmp_path / "seg"))
-  engine.train(c, tmp_path / "ft")
-  events = read_events(tmp_path / "ft")
+def test_segmentation_run_writes_overlays(seg_run):
+  events = read_events(seg_run[0])
   images = summaries(events, "image")
   assert set(images) == {("val/segmentation_overlays", 2)}, set(images)
   check_png(images[("val/segmentation_overlays", 2)])
   assert ("val/dice", 2) in summaries(events, "simple_value")
 
 
-def test_classification_run_writes_scalars_only(tmp_path):
-  c = load_config("experiment", "demo,smoke,stage=linear,steps=2,eval_every=0,checkpoint_every=0,"
-                  "data.max_train_examples=32,data.max_eval_examples=16")
-  engine.train(c, tmp_path / "lin")
-  events = read_events(tmp_path / "lin")
+def test_classification_run_writes_scalars_only(cls_run):
+  events = read_events(cls_run[0])
   assert not summaries(events, "image")
-  assert ("val/accuracy", 2) in summaries(events, "simple_value")
+  assert ("test/accuracy", 30) in summaries(events, "simple_value")
 
 
 def test_event_files_are_written_without_importing_torch(tmp_path):

@@ -19,7 +19,7 @@ from conftest import load_config, one_error_line, run_cli
 PIPE_ARG = "smoke,steps=6,pipeline.tpp_steps=6,checkpoint_every=2,eval_every=3"
 ARMS = ("tpp", "tpp_finetune", "baseline")
 RUN_ARG = "demo,smoke,steps=6,checkpoint_every=2,eval_every=3,log_every=1"
-VOLATILE = ("wall_time_s", "images_per_sec", "host_hugepages")  # how long it took (host_hugepages: runs before 0.2)
+VOLATILE = ("wall_time_s", "images_per_sec")  # how long it took
 # (the CLI re-executes with huge pages, the in-process reference runs without): the only fields a resume may change
 
 

@@ -1,8 +1,11 @@
-"""JSON files of a run (config.json, summary.json, metrics.jsonl, adapter_config.json): reading them."""
+"""A run's files: reading its JSON (config.json, summary.json, metrics.jsonl, adapter_config.json) and writing any
+file whole or not at all (`write_atomic`)."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import tempfile
 
 from tpp_jax.errors import ConfigError
 
@@ -35,3 +38,19 @@ def read_jsonl(path) -> list[dict]:
       except json.JSONDecodeError:
         continue
   return rows
+
+
+def write_atomic(path, data: str | bytes) -> pathlib.Path:
+  """Write `data` to `path` through a temporary file in the same folder and a rename: a reader (or a killed run)
+  sees the old file or the new one, never a torn one."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return path

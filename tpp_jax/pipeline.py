@@ -31,6 +31,7 @@ import numpy as np
 
 from tpp_jax import engine, figures, metrics, stages
 from tpp_jax import workdir as workdir_lib
+from tpp_jax.jsonio import write_atomic
 
 
 def label_fractions(config) -> list[float]:
@@ -253,7 +254,7 @@ def run(config, workdir) -> dict:
           workdir_lib.check_config(shared_control_config(cfg, source, seed, arm), source / f"seed_{seed}" / arm)
     from tpp_jax import config as config_lib
     if is_main:
-      (wd / "config.json").write_text(config_lib.to_json(config))
+      write_atomic(wd / "config.json", config_lib.to_json(config))
     summaries = {}
     # this pipeline's own arms seed by seed, then the shared controls (by then the source has most of them)
     todo = [(seed, arm, cfg) for seed in seeds for arm, cfg in arm_configs(config, seed, wd).items()]

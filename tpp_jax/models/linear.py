@@ -5,9 +5,7 @@ two dims, (images, tokens), of the input and of the output gradient. XLA:CPU can
 copy of the output gradient, and where that gradient is the residual stream's (attention out-projection, fc2, an
 adapter's up-projection) it fuses the whole chain of residual-gradient additions of the later blocks into the copy,
 once per block: the backward grows quadratically with depth. Flattened to (rows, d) first, the kernel gradient is a
-plain 2-D matmul contracting one dim, as in PyTorch's F.linear; on GPU / TPU the reshape is free. Measured on the demo
-ViT-Ti6/8 at 64 px, batch 32, 2 CPU threads, ms per training step: Houlsby adapter 478 -> 211, full fine-tune
-602 -> 303 (LoRA 194, unchanged: its kernel gradients read other tensors).
+plain 2-D matmul contracting one dim, as in PyTorch's F.linear; on GPU / TPU the reshape is free (a layout no-op).
 """
 from __future__ import annotations
 

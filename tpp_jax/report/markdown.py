@@ -7,7 +7,7 @@ import os
 import pathlib
 from typing import Sequence
 
-from tpp_jax.jsonio import read_json
+from tpp_jax.jsonio import read_json, write_atomic
 from tpp_jax.report.collect import PRETEXT_STAGES, NoRunsError, _get, _groups, collect
 from tpp_jax.report.plots import _series, plot_label_efficiency, plot_learning_curves
 from tpp_jax.report.tables import (
@@ -202,7 +202,7 @@ def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
            "Left: the test metric of each fine-tune arm vs the labelled fraction (mean over seeds, band: its "
            "95% t-interval). Right: the paired difference TPP − baseline per fraction with its 95% CI (above 0: "
            "TPP better).", ""]
-  (wd / "comparison.json").write_text(json.dumps(comparison_data(records), indent=1) + "\n")
+  write_atomic(wd / "comparison.json", json.dumps(comparison_data(records), indent=1) + "\n")
   pre = _pretext_table(records)
   if pre:
     md += ["## TPP pretext", "", pre, ""]
@@ -224,5 +224,5 @@ def write_report(pipeline_dir, extra_runs: Sequence = ()) -> pathlib.Path:
     labels = f", {_frac_cell(r['fraction'])} labels" if r["fraction"] != 1.0 else ""
     md.append(f"- `{r['arm']}` seed {r['seed']} ({r['stage']}, {r['peft']}{labels}): [{rel}]({rel}/summary.json)")
   out = wd / "report.md"
-  out.write_text("\n".join(md) + "\n")
+  write_atomic(out, "\n".join(md) + "\n")
   return out

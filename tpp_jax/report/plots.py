@@ -2,6 +2,7 @@
 segmentation overlays."""
 from __future__ import annotations
 
+import io
 import math
 import pathlib
 from typing import Sequence
@@ -10,6 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tpp_jax.jsonio import write_atomic
 from tpp_jax.metrics import MAIN_METRIC
 from tpp_jax.report.collect import PRETEXT_STAGES, _arm_rank, _groups
 from tpp_jax.report.tables import _frac_cell, _pct
@@ -17,12 +19,13 @@ from tpp_jax.report.tables import _frac_cell, _pct
 
 def _save(fig: Figure, out_png):
   """Write a PNG to a path (returned as a Path) or to a binary file object (returned as is)."""
-  out = out_png if hasattr(out_png, "write") else pathlib.Path(out_png)
-  if isinstance(out, pathlib.Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(out, format="png", dpi=110, bbox_inches="tight")
-  return out
+  if hasattr(out_png, "write"):
+    fig.savefig(out_png, format="png", dpi=110, bbox_inches="tight")
+    return out_png
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  return write_atomic(out_png, buf.getvalue())  # a killed run leaves no torn PNG
 
 
 def _series(rows: Sequence[dict], split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
