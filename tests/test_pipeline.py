@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from tpp_jax import engine, evaluate, pipeline
+from tpp_jax import engine, evaluate, figures, pipeline
 from tpp_jax.checkpoints import store
 
 from conftest import SMOKE_PIPELINE_ARG, load_config
@@ -27,11 +27,14 @@ def test_default_smoke_pipeline_writes_report_and_all_arms(smoke_pipeline):
     assert (wd / png).stat().st_size > 1000 and png in report
   assert "tpp_finetune" in report and "baseline" in report
 
-  # a rerun of the finished pipeline reuses every arm: nothing is retrained, re-evaluated or rewritten
+  # a rerun of the finished pipeline reuses every arm: nothing is retrained, re-evaluated or rewritten; a figure a
+  # kill tore (here: emptied) is drawn again
   summaries = {a: (wd / "seed_0" / a / "summary.json") for a in arms}
   before = {a: (p.stat().st_mtime_ns, p.read_text()) for a, p in summaries.items()}
+  (wd / "mae_reconstructions.png").write_bytes(b"")
   again = pipeline.run(load_config("default", SMOKE_PIPELINE_ARG), wd)
   assert {a: (p.stat().st_mtime_ns, p.read_text()) for a, p in summaries.items()} == before
+  assert figures.readable_png(wd / "mae_reconstructions.png")
   assert again["report"] == str(wd / "report.md")
   assert again["runs"] == {f"seed_0/{a}": json.loads(before[a][1])["final"] for a in arms}
 
@@ -69,3 +72,29 @@ def test_house_backbone_config_exports_and_reloads(tmp_path):
   t = engine.Trainer(ft, tmp_path / "ft")
   got = jax.device_get(t.state["params"]["encoder"]["blocks_0"]["attn"]["q"]["kernel"])
   np.testing.assert_array_equal(got, loaded["encoder"]["blocks_0"]["attn"]["q"]["kernel"])
+
+
+def test_a_copied_pipeline_resumes_where_it_is_now(smoke_pipeline, tmp_path, capsys):
+  """`cp -a` of a finished pipeline: its arms' configs hold the old absolute target_init; the copy is the same run
+  (workdir.moved_path), so every arm is found finished and nothing is trained again."""
+  import shutil
+  copy = tmp_path / "moved" / "pipe"
+  shutil.copytree(smoke_pipeline, copy, symlinks=True)
+  old_ft = json.loads((copy / "seed_0" / "tpp_finetune" / "config.json").read_text())
+  assert old_ft["target_init"] == str(smoke_pipeline / "seed_0" / "tpp")  # the old place
+  capsys.readouterr()
+  out = pipeline.run(load_config("default", SMOKE_PIPELINE_ARG), copy)
+  assert capsys.readouterr().out.count("nothing to do") == 5
+  assert out["runs"]["seed_0/tpp_finetune"] == json.loads((copy / "seed_0" / "tpp_finetune" / "summary.json")
+                                                          .read_text())["final"]
+
+
+def test_moved_path_is_only_a_path_inside_the_run_that_moved():
+  from tpp_jax.workdir import moved_path
+  wd = "/new/pipe/seed_0/tpp_finetune"
+  assert moved_path("/old/pipe/seed_0/tpp", "/new/pipe/seed_0/tpp", wd)
+  assert moved_path("/old/a/seed_0/tpp", "/new/b/seed_0/tpp", "/new/b/seed_0/tpp_finetune")
+  assert not moved_path("/runs/x/tpp", "/runs/y/tpp", wd)  # one common part only: another TPP run
+  assert not moved_path("/old/pipe/seed_0/tpp", "/elsewhere/pipe/seed_0/tpp", wd)  # not where this run is
+  assert not moved_path("/same/seed_0/tpp", "/same/seed_0/tpp", wd) and not moved_path("a/b/c", "d/b/c", wd)
+  assert not moved_path(1, 2, wd)

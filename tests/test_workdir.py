@@ -3,6 +3,7 @@ retrained, nothing non-finite is saved, SIGTERM / SIGINT checkpoint and stop, no
 workdir."""
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -97,29 +98,53 @@ def test_fewer_steps_on_a_finished_run_is_refused_and_changes_nothing(finished_r
   assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()} == files
 
 
-def test_nan_is_never_checkpointed_and_a_lower_lr_resumes(tmp_path):
+def test_divergence_saves_nothing_past_the_last_sane_step_and_the_way_out_in_the_message_works(tmp_path):
+  """lr 100 with a 10-step warm-up: sane for a few steps, then the trainable norm passes optim.max_param_norm (1e4)
+  before any NaN. The run stops with one line; every kept checkpoint is finite and within the bound; the rerun the
+  message names (a lower lr, same workdir) resumes from the last kept step, finishes, and records the change."""
   wd = tmp_path / "run"
-  arg = "demo,smoke,steps=10,checkpoint_every=2,log_every=5"
-  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e5", "--workdir", str(wd)])
-  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-  line = r.stderr.strip()
-  assert line.startswith("error: TrainingError: Non-finite values (NaN / Inf)") and "\n" not in line
-  bad = int(line.split("parameters at step ")[1].split(";")[0])
+  arg = "demo,smoke,steps=10,checkpoint_every=1,log_every=5,optim.warmup_steps=10"
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=100.0", "--workdir", str(wd)])
+  line = one_error_line(r)
+  assert line.startswith("error: TrainingError: Training diverged at step "), line
+  assert "optim.max_param_norm=10000" in line and "rerun the same command with a lower --config.optim.lr" in line, line
+  bad = int(line.split("diverged at step ")[1].split(":")[0])
   last = int(line.split("the last checkpoint, step ")[1].split(" ")[0])
-  assert last < bad and workdir_lib.checkpoint_steps(wd)[-1] == last
-  for step in workdir_lib.checkpoint_steps(wd):  # every saved leaf is finite
+  assert 0 < last < bad and workdir_lib.checkpoint_steps(wd)[-1] == last
+  for step in workdir_lib.checkpoint_steps(wd):  # every saved leaf is finite and of a sane size
     mngr = ocp.CheckpointManager(wd / "checkpoints")
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     mngr.close()
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state)), step
-  # the way out the message gives: a lower lr resumes from that checkpoint and finishes
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(state["params"])]
+    assert all(np.isfinite(x).all() for x in leaves), step
+    assert max(float(np.abs(x).max()) for x in leaves) <= 1e4, step
+  # the way out the message gives: a lower lr in the same workdir resumes from that checkpoint and finishes
   r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e-3", "--workdir", str(wd)])
   assert r.returncode == 0, r.stderr[-2000:]
-  assert f"Resumed {wd} at step {last}" in r.stdout
-  assert json.loads((wd / "summary.json").read_text())["steps"] == 10
-  # a higher lr than the run's is still refused
+  assert f"Resumed {wd} at step {last}" in r.stdout and f"optim.lr 100.0 -> 0.001 from step {last} on" in r.stdout
+  summary = json.loads((wd / "summary.json").read_text())
+  change = {"step": last, "field": "optim.lr", "old": 100.0, "new": 0.001}
+  assert summary["steps"] == 10 and summary["config_history"] == [change]
+  assert json.loads((wd / "config.json").read_text())["config_history"] == [change]
+  # a higher lr than the run's is still refused; the finished run says a lower one changes nothing
   r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e-2", "--workdir", str(wd)])
   assert r.returncode == 2 and "may lower the lr" in r.stderr
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--config.optim.lr=1e-4", "--workdir", str(wd)])
+  assert r.returncode == 0 and "nothing to do" in r.stdout and "optim.lr=0.0001 (it ran with 0.001) changes nothing" \
+      in r.stdout, r.stdout[-2000:]
+  assert json.loads((wd / "summary.json").read_text()) == summary
+
+
+def test_extending_a_finished_run_is_recorded_as_an_extension(finished_run, tmp_path):
+  wd = tmp_path / "run"
+  shutil.copytree(finished_run, wd)
+  r = run_cli(["--config", f"configs/experiment.py:{RUN_ARG}", "--config.steps=8", "--workdir", str(wd)])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "extending the run from 6 to 8 steps; steps 1-6 ran with the 6-step schedule" in r.stdout, r.stdout[-2000:]
+  summary = json.loads((wd / "summary.json").read_text())
+  assert summary["steps"] == 8 and summary["config_history"] == [{"step": 6, "field": "steps", "old": 6, "new": 8}]
+  before, rows = _rows(finished_run), _rows(wd)
+  assert rows[:len(before)] == before and {r["step"] for r in rows[len(before):]} == {7, 8}  # the 6 steps kept
 
 
 @pytest.mark.parametrize("sig", ["TERM", "INT"])
@@ -221,3 +246,28 @@ def test_trim_metrics_drops_rows_past_the_resume_step_and_a_cut_line(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "spl')
   workdir_lib.trim_metrics(tmp_path, 2)
   assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_folder_another_process_created_in_the_same_instant_is_never_removed(tmp_path, monkeypatch):
+  """Two runs start on the same new folder at once: the one whose mkdir finds the folder already made (the other
+  run's) does not own it, so its failure (busy, a bad config) never removes it."""
+  import pathlib
+  top, wd = tmp_path / "new", tmp_path / "new" / "run"
+  real_mkdir = pathlib.Path.mkdir
+
+  def other_process_wins(self, *args, **kwargs):  # between our exists() check and our mkdir, the other run's mkdir
+    if self == top and not self.exists():
+      real_mkdir(self)
+      (self / "theirs.txt").write_text("the other run's file")
+    return real_mkdir(self, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib.Path, "mkdir", other_process_wins)
+  with pytest.raises(RuntimeError, match="late config error"):
+    with workdir_lib.lock(wd):
+      raise RuntimeError("late config error")
+  assert (top / "theirs.txt").exists() and wd.is_dir()
+  monkeypatch.undo()
+  with pytest.raises(RuntimeError):  # a folder this process made is removed again on such a failure
+    with workdir_lib.lock(tmp_path / "ours" / "run"):
+      raise RuntimeError("late config error")
+  assert not (tmp_path / "ours").exists()

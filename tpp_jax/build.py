@@ -222,13 +222,14 @@ def build(config, devices=None) -> Built:
            "opt_state": jax.eval_shape(tx.init, params), "aux": aux}
   sharding = state_shardings(state, mesh, bool(config.fsdp))
   train_step, eval_step = compile_steps(objective, tx, schedule, mesh, sharding, labels,
-                                        device_augment.make(config.data))
+                                        max_param_norm=float(config.optim.get("max_param_norm", 0.0)),
+                                        augment=device_augment.make(config.data))
   return Built(config=config, stage=stage, mesh=mesh, encoder=encoder, objective=objective, init_fn=init_fn,
                params=params, aux=aux, labels=labels, counts=partition.param_counts(params, labels), tx=tx,
                schedule=schedule, state=state, state_sharding=sharding, train_step=train_step, eval_step=eval_step)
 
 
-FINITE = "all_finite"  # the train step's flag: loss, gradients, updated params and aux hold no NaN / Inf
+FINITE = "all_finite"  # the train step's health flag: no NaN / Inf anywhere, and the params' norm within bounds
 
 
 def all_finite(tree) -> jax.Array:
@@ -245,12 +246,14 @@ def split_trainable(params, labels) -> tuple[dict, dict]:
 AUGMENT_STREAM = 0x61756721  # fold_in constant of the step key's stream for data.augment.on_device
 
 
-def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels, augment=None):
+def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels, augment=None, max_param_norm: float = 0.0):
   """The jitted (train_step, eval_step) of an objective and optimizer over `mesh` (traced at the first call).
 
   The train step differentiates the trainable leaves only (frozen ones are closed over), so no gradient of a frozen
   backbone weight is ever computed, as with requires_grad=False in PyTorch. `augment` (data.device_augment.make):
-  fn(batch, key) applied to each training batch first, with a key of the step's own.
+  fn(batch, key) applied to each training batch first, with a key of the step's own. The step's FINITE flag is false
+  when the loss, gradients, update, new params or aux hold a NaN / Inf, or when the trainable params' global norm
+  passes `max_param_norm` (> 0): a diverging run stops before a huge-but-finite state is ever saved.
   """
   repl = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
@@ -270,8 +273,12 @@ def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels, augment
     params = optax.apply_updates(state["params"], updates)
     aux = obj.after_step(params, aux, step)
     # read lazily by the loop: nothing non-finite is ever saved (frozen leaves never change: not checked)
-    finite = finite_grads & all_finite((loss, split_trainable(params, labels)[0], aux))
-    mets = {**mets, "update_norm": optax.tree.norm(updates), "lr": schedule(step), FINITE: finite}
+    trained = split_trainable(params, labels)[0]
+    update_norm, param_norm = optax.tree.norm(updates), optax.tree.norm(trained)
+    finite = finite_grads & all_finite((loss, trained, aux)) & jnp.isfinite(update_norm)
+    if max_param_norm > 0:
+      finite = finite & (param_norm <= max_param_norm)
+    mets = {**mets, "update_norm": update_norm, "param_norm": param_norm, "lr": schedule(step), FINITE: finite}
     return {"step": step + 1, "params": params, "opt_state": opt_state, "aux": aux}, mets
 
   def eval_step(params, aux, batch):

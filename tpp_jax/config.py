@@ -65,7 +65,8 @@ def base_config() -> mlc.ConfigDict:
   c.data = mlc.ConfigDict(data_config.defaults())  # the data schema lives in tpp_jax/data/config.py
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, warmup_steps=20, min_lr_ratio=0.01,
-      layer_decay=1.0))          # layer-wise lr decay in (0, 1] (BEiT/MAE; build.make_tx); 1.0 = off
+      layer_decay=1.0,           # layer-wise lr decay in (0, 1] (BEiT/MAE; build.make_tx); 1.0 = off
+      max_param_norm=1e4))       # divergence: stop when the trainable params' global L2 norm passes this (0 = off)
   c.steps = 200
   c.epochs = 0                 # > 0: steps = ceil(epochs x train examples / batch_size), from the data (engine)
   c.batch_size = 64
@@ -280,8 +281,15 @@ def _check_label_fractions(c: mlc.ConfigDict) -> None:
                       f"pipeline.label_fractions=({float(f)}, 1.0) instead.")
 
 
-def to_json(c: mlc.ConfigDict) -> str:
-  return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=str)
+HISTORY_KEY = "config_history"  # config.json / summary.json: [{step, field, old, new}] of every change on a rerun
+
+
+def to_json(c: mlc.ConfigDict, history: list | None = None) -> str:
+  """A run's config.json text; `history` (the changes of resumable fields on reruns) is stored beside the fields."""
+  d = c.to_dict()
+  if history:
+    d[HISTORY_KEY] = history
+  return json.dumps(d, indent=2, sort_keys=True, default=str)
 
 
 # Fields added with a default that changes what a run does: (field, the value a config.json saved before the field
@@ -297,10 +305,12 @@ def _dotted_get(tree: Mapping[str, Any], dotted: str):
 
 def with_defaults(saved: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict:
   """A saved config.json (dict) with the fields it lacks filled in from base_config (nested dicts merged):
-  a run saved before a field existed ran with that field's default, or with BEFORE_FIELD_EXISTED's value."""
+  a run saved before a field existed ran with that field's default, or with BEFORE_FIELD_EXISTED's value. Its
+  config_history (HISTORY_KEY) is left out."""
   if defaults is None:
     defaults = json.loads(to_json(base_config()))
     saved = copy.deepcopy(dict(saved))
+    saved.pop(HISTORY_KEY, None)  # the run's history of changes, not a field
     for dotted, value, (when_field, when_value) in BEFORE_FIELD_EXISTED:
       *parents, leaf = dotted.split(".")
       node = _dotted_get(saved, ".".join(parents))

@@ -140,6 +140,7 @@ optim.weight_decay  AdamW decoupled weight decay, on matrices only (leaves with 
 optim.b1  AdamW first-moment decay
 optim.b2  AdamW second-moment decay
 optim.clip_norm  clip gradients to this global norm (0 = off)
+optim.max_param_norm  divergence guard: stop, saving nothing more, when trainable params' L2 norm passes it (0 = off)
 optim.warmup_steps  steps of the linear learning-rate warm-up from 0
 optim.min_lr_ratio  learning rate at the end of the cosine decay, as a fraction of lr
 optim.layer_decay  layer-wise lr decay in (0, 1] (BEiT / MAE fine-tuning); 1.0 = off

@@ -40,6 +40,7 @@ from tpp_jax.build import (
 from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
+from tpp_jax.jsonio import write_atomic
 from tpp_jax.logging_utils import MetricsLogger, progress
 from tpp_jax.objectives.base import LOWER_IS_BETTER
 
@@ -131,9 +132,11 @@ class Trainer:
   def _loop(self) -> dict:
     c, wd = self.config, self.workdir
     is_main = jax.process_index() == 0
+    self.config_history, changes = workdir_lib.config_history(c, wd)
+    for line in filter(None, (workdir_lib.describe_change(ch, wd) for ch in changes)):
+      print(line)
     if is_main:  # whole or not at all: the other hosts of a multi-host run may be reading it (check_config)
-      (wd / "config.json.tmp").write_text(config_lib.to_json(c))
-      (wd / "config.json.tmp").replace(wd / "config.json")
+      write_atomic(wd / "config.json", config_lib.to_json(c, self.config_history))
     store = store_lib.CheckpointStore(wd, keep=int(c.keep_checkpoints), best_mode=self.best_mode)
     it = self.train_iterator()
     start = 0
@@ -214,7 +217,7 @@ class Trainer:
     store.close()
     images_per_sec = float(c.batch_size) * timed_steps / t_timed if t_timed else None
     summary = {
-        "stage": c.stage, "config": c.to_dict(), "steps": steps,
+        "stage": c.stage, "config": c.to_dict(), config_lib.HISTORY_KEY: self.config_history, "steps": steps,
         "params": {k: self.counts[k] for k in ("total", "trainable", "target", "head", "backbone")},
         "init": self.init_source, "target_init": self.target_init,
         "final": final, "best": best, "best_final": best_final,
@@ -283,13 +286,16 @@ class Trainer:
     bad = steps[int(np.argmin(flags))]
     store.wait()
     last = store.latest_step()
-    kept = (f"Nothing non-finite was saved: the last checkpoint, step {last} in {self.workdir / 'checkpoints'}, is "
-            "finite, and rerunning with a lower --config.optim.lr resumes from it." if last is not None else
-            "No checkpoint was written.")
+    lower = f"a lower --config.optim.lr (now {float(self.config.optim.lr):g})"
+    kept = (f"Nothing from it on was saved: the last checkpoint, step {last} in {self.workdir / 'checkpoints'}, holds "
+            f"finite parameters within that norm; rerun the same command with {lower} to resume from it, or use a "
+            "new --workdir." if last is not None else
+            f"No checkpoint was written; rerun the same command with {lower}, or use a new --workdir.")
+    bound = float(self.config.optim.get("max_param_norm", 0.0))
     raise TrainingError(
-        f"Non-finite values (NaN / Inf) in the loss, gradients or parameters at step {bad}; training stopped. Lower "
-        f"optim.lr (now {self.config.optim.lr}), keep optim.clip_norm > 0, or check the data normalisation "
-        f"(data.mean/std). {kept}")
+        f"Training diverged at step {bad}: NaN / Inf in the loss, gradients, update or parameters"
+        f"{f', or the trainable parameters norm passed optim.max_param_norm={bound:g}' if bound > 0 else ''}; "
+        f"training stopped. {kept} (Also: keep optim.clip_norm > 0; check data.mean/std.)")
 
 
 def _json_default(o):
@@ -313,6 +319,10 @@ def train(config, workdir) -> dict:
     workdir_lib.check_config(config, wd)
     done = workdir_lib.finished_summary(config, wd)
     if done is not None:
-      print(f"{wd} holds this run, finished ({done['steps']} steps); nothing to do (summary.json kept).")
+      _, changes = workdir_lib.config_history(config, wd)
+      changed = "; ".join(f"{ch['field']}={ch['new']} (it ran with {ch['old']}) changes nothing in a finished run, "
+                          "use a new --workdir to train with it" for ch in changes if ch["field"] == "optim.lr")
+      print(f"{wd} holds this run, finished ({done['steps']} steps); nothing to do (summary.json kept)"
+            + (f"; {changed}." if changed else "."))
       return done
     return Trainer(config, wd, sources=sources)._loop()

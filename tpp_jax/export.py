@@ -243,6 +243,17 @@ def export(run_dir, out, fmt: str, checkpoint: str = "best") -> dict:
   return {"format": fmt, "out": str(out), "files": files, "step": run.step, "checkpoint": run.checkpoint}
 
 
+def disk_error(e: Exception) -> OSError | None:
+  """The OSError of a failed write behind `e` (safetensors reports one as a SafetensorError), else None; a missing
+  file is the user's mistake, reported as such."""
+  if isinstance(e, FileNotFoundError):
+    return None
+  if isinstance(e, OSError):
+    return e
+  from tpp_jax.errors import as_os_error
+  return as_os_error(e)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m tpp_jax.export", description=__doc__.split("\n\n")[0])
   parser.add_argument("run", help="the --workdir of a finished run")
@@ -253,8 +264,16 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     res = export(args.run, args.out, args.format, args.checkpoint)
-  except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+  except Exception as e:  # noqa: BLE001 - a user mistake or a disk failure is one line; anything else raises
     if os.environ.get("TPP_DEBUG"):
+      raise
+    disk = disk_error(e)
+    if disk is not None:  # OUT unwritable, its disk full
+      from tpp_jax.errors import output_error_line
+      print("error: " + output_error_line(disk, args.out, "writing the export (OUT)", "OUT",
+                                          rerun="rerun with a new (or emptied) OUT"), file=sys.stderr)
+      sys.exit(2)
+    if not isinstance(e, (ValueError, FileNotFoundError, KeyError, TypeError)):
       raise
     print(f"error: {type(e).__name__}: {e}  (set TPP_DEBUG=1 for the traceback)", file=sys.stderr)
     sys.exit(2)

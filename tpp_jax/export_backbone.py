@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +124,22 @@ def main():
   ap.add_argument("out_dir")
   ap.add_argument("--name", default="house_vit_ti8_64")
   a = ap.parse_args()
-  export(a.run_dir, a.out_dir, a.name)
+  try:
+    export(a.run_dir, a.out_dir, a.name)
+  except Exception as e:  # noqa: BLE001 - a user mistake or a disk failure is one line; anything else raises
+    if os.environ.get("TPP_DEBUG"):
+      raise
+    from tpp_jax.export import disk_error
+    disk = disk_error(e)
+    if disk is not None:  # OUT_DIR unwritable, its disk full
+      from tpp_jax.errors import output_error_line
+      print("error: " + output_error_line(disk, a.out_dir, "writing the backbone (OUT_DIR)", "OUT_DIR"),
+            file=sys.stderr)
+      sys.exit(2)
+    if not isinstance(e, (ValueError, FileNotFoundError, KeyError, TypeError)):
+      raise
+    print(f"error: {type(e).__name__}: {e}  (set TPP_DEBUG=1 for the traceback)", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

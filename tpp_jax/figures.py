@@ -13,6 +13,17 @@ from tpp_jax import build as build_lib
 from tpp_jax import stages
 
 
+def readable_png(path) -> bool:
+  """Whether `path` is a whole PNG (a file torn by a kill, or empty, is not)."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im.load()
+    return True
+  except (OSError, SyntaxError, ValueError):
+    return False
+
+
 def pipeline_figure_files(config) -> list[str]:
   """The pipeline's own figures for this config (besides the report's learning curves)."""
   return ((["mae_reconstructions.png"] if config.pretext.type == "mae" else [])

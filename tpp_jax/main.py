@@ -6,10 +6,13 @@ eval (metrics of a saved run's best/latest checkpoint), pipeline (TPP vs plain P
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from tpp_jax.errors import os_error_line
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (created; an existing run resumes).")
@@ -55,6 +58,35 @@ def main(argv):
     if os.environ.get("TPP_DEBUG"):
       raise
     _fail(f"{type(e).__name__}: {e}  (set TPP_DEBUG=1 for the traceback)")
+  except OSError as e:  # a full disk, a read-only or unwritable folder: the latest intact checkpoint is kept
+    if os.environ.get("TPP_DEBUG"):
+      raise
+    role = run_file_role(e.filename, _WORKDIR.value)  # None: a file outside the run folder (e.g. the data)
+    _fail(os_error_line(e, role or "reading a file", path=_WORKDIR.value, where="--workdir" if role else None))
+
+
+# What a run writes in its workdir: a file or folder name (the innermost one of a path counts) -> what was written.
+RUN_FILES = {".lock": "locking the run folder", "config.json": "writing the run's config",
+             "config.json.tmp": "writing the run's config", "checkpoints": "saving a checkpoint",
+             "best": "saving the best checkpoint", "damaged_checkpoints": "moving a damaged checkpoint aside",
+             "metrics.jsonl": "writing the run's metrics", "summary.json": "writing the run's summary",
+             "summary.json.tmp": "writing the run's summary", "tb": "writing the TensorBoard events",
+             "eval.json": "writing the evaluation", "report.md": "writing the report"}
+
+
+def run_file_role(filename, workdir) -> str | None:
+  """What a run was writing when an OSError named `filename`; None when `filename` is outside the run folder
+  `workdir` (and not a folder above it, made for it)."""
+  if filename is None or workdir is None or not isinstance(filename, (str, bytes, os.PathLike)):
+    return "writing the run (--workdir)"
+  p, wd = pathlib.Path(os.fsdecode(filename)).absolute(), pathlib.Path(workdir).absolute()
+  if p == wd or p in wd.parents:
+    return "creating the run folder (--workdir)"
+  try:
+    parts = p.relative_to(wd).parts
+  except ValueError:
+    return None
+  return next((RUN_FILES[name] for name in reversed(parts) if name in RUN_FILES), "writing the run (--workdir)")
 
 
 def jax_distributed_requested(cfg) -> bool:
@@ -160,6 +192,8 @@ def entry():
     user_error = (flags.Error, AttributeError, ValueError, KeyError, TypeError, FileNotFoundError)
     if not os.environ.get("TPP_DEBUG") and isinstance(e, user_error):
       _fail(explain_override_error(sys.argv) or f"{type(e).__name__}: {e}")
+    if not os.environ.get("TPP_DEBUG") and isinstance(e, OSError):  # e.g. reading the config file
+      _fail(os_error_line(e, "reading the config", where=None, rerun="rerun the same command"))
     raise
 
 

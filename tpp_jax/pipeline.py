@@ -272,7 +272,7 @@ def run(config, workdir) -> dict:
       if "stopped_at" in summaries[(seed, arm)]:  # stop_after: the arm checkpointed; the rest waits for a rerun
         print(f"Pipeline stopped in seed {seed}: {arm} (stop_after); rerun the same command to resume.")
         return {"report": None, "stopped_at": f"seed_{seed}/{arm}"}
-    if not all((wd / f).exists() for f in figures.pipeline_figure_files(config)):
+    if not all(figures.readable_png(wd / f) for f in figures.pipeline_figure_files(config)):  # missing / torn: redraw
       figures.draw_pipeline_figures(config, wd, seeds[0], label_fractions(config)[0])
     path = None
     if config.pipeline.report:

@@ -338,6 +338,11 @@ def main(argv=None):
       raise
     msg = str(e) if isinstance(e, (PredictError, ConfigError)) else f"{type(e).__name__}: {e}"
     _fail(f"{msg}  (set TPP_DEBUG=1 for the traceback)")
+  except OSError as e:  # OUT unwritable, its disk full
+    if os.environ.get("TPP_DEBUG"):
+      raise
+    from tpp_jax.errors import output_error_line
+    _fail(output_error_line(e, a.out, "writing the predictions (OUT)", "OUT"))
 
 
 if __name__ == "__main__":

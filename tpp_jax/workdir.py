@@ -105,6 +105,20 @@ def _only_config(folder: pathlib.Path) -> bool:
   return all(p.is_dir() or p.name in (LOCK_FILE, "config.json") for p in folder.rglob("*"))
 
 
+def _make_workdir(wd: pathlib.Path) -> pathlib.Path | None:
+  """Create `wd` (and missing parents); returns the topmost folder THIS process created, else None. A folder another
+  process created in the same instant is not ours (mkdir without exist_ok tells): we never remove it."""
+  if wd.exists():
+    return None
+  top = next((p for p in [wd, *wd.parents] if p.parent.exists()), wd)
+  try:
+    top.mkdir()
+  except FileExistsError:
+    top = None
+  wd.mkdir(parents=True, exist_ok=True)
+  return top
+
+
 @contextlib.contextmanager
 def lock(workdir, enabled: bool = True):
   """Hold wd/.lock while the block runs (re-entrant in one process); creates the workdir.
@@ -116,20 +130,14 @@ def lock(workdir, enabled: bool = True):
   if not enabled:  # not the main process of a multi-host run: process 0 holds the lock
     yield
     return
-  first_new = next((p for p in [wd, *wd.parents] if p.parent.exists()), wd) if not wd.exists() else None
-  wd.mkdir(parents=True, exist_ok=True)
+  first_new = _make_workdir(wd)
   key = str(wd / LOCK_FILE)
   with _HELD_LOCK:
     held = _HELD.get(key)
     if held is not None:
       held[1] += 1
   if held is None:
-    try:
-      fd = _acquire(wd / LOCK_FILE)
-    except BaseException:
-      if first_new is not None:
-        shutil.rmtree(first_new, ignore_errors=True)
-      raise
+    fd = _acquire(wd / LOCK_FILE)  # busy: the folder is the other run's, left as it is
     with _HELD_LOCK:
       _HELD[key] = [fd, 1]
   ok = False
@@ -144,9 +152,9 @@ def lock(workdir, enabled: bool = True):
       if last:
         del _HELD[key]
     if last:
-      _release(wd / LOCK_FILE, entry[0])
       if not ok and first_new is not None and first_new.exists() and _only_config(first_new):
-        shutil.rmtree(first_new, ignore_errors=True)
+        shutil.rmtree(first_new, ignore_errors=True)  # still under our flock: no other run can be inside
+      _release(wd / LOCK_FILE, entry[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,6 +179,22 @@ def trained_steps(workdir) -> int:
   return max([int(done or 0), *checkpoint_steps(wd)])
 
 
+def moved_path(old, new, workdir) -> bool:
+  """Whether two absolute paths are the same place inside a folder that moved: they end alike in at least two parts
+  (e.g. `seed_0/tpp`, a pipeline arm's target_init) and the new one lies in an ancestor of `workdir`. So a pipeline
+  copied or moved (`cp -a`, `mv`) resumes where it is now."""
+  if not (isinstance(old, str) and isinstance(new, str) and old.startswith("/") and new.startswith("/")):
+    return False
+  a, b = pathlib.PurePath(old).parts, pathlib.PurePath(new).parts
+  n = 0
+  while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
+    n += 1
+  if n < 2 or a == b:
+    return False
+  root = pathlib.Path(*b[:len(b) - n])
+  return pathlib.Path(workdir).absolute().is_relative_to(root)
+
+
 def check_config(config, workdir):
   """Refuse to mix a different run into a workdir that holds one (nothing saved is overwritten or relabelled)."""
   wd = pathlib.Path(workdir)
@@ -179,7 +203,8 @@ def check_config(config, workdir):
     return
   old = flatten(config_lib.with_defaults(read_json(cfg_file)), sep=".")  # a field added since: its default
   new = flatten(json.loads(config_lib.to_json(config)), sep=".")
-  diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+  differs = lambda k: old.get(k) != new.get(k) and not moved_path(old.get(k), new.get(k), wd)
+  diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and differs(k))
   if diff:
     raise ConfigError(f"--workdir {wd} already holds a run with a different config (fields {diff}). Use a new "
                       f"--workdir, or the same config to resume it (fields that may change: {list(RESUMABLE_FIELDS)}).")
@@ -192,6 +217,39 @@ def check_config(config, workdir):
     raise ConfigError(f"--workdir {wd} holds a run trained to {done} steps; --config.steps={int(config.steps)} would "
                       f"relabel its files. Use a new --workdir for a {int(config.steps)}-step run, or steps >= {done} "
                       "to continue this one.")
+
+
+# Fields that shape the steps already trained: a change on a rerun applies from the resume step on only, and is
+# printed and recorded (config_history) so no file describes earlier steps as run under the new value.
+SHAPING_FIELDS = ("steps", "optim.lr")
+
+
+def config_history(config, workdir) -> tuple[list[dict], list[dict]]:
+  """(the run's whole config_history, this rerun's new entries): every resumable field whose value differs from the
+  saved config.json's, as {step (trained steps so far), field, old, new}; after check_config."""
+  cfg_file = pathlib.Path(workdir) / "config.json"
+  if not cfg_file.exists():
+    return [], []
+  saved = read_json(cfg_file)
+  earlier = list(saved.get(config_lib.HISTORY_KEY, []))
+  old = flatten(config_lib.with_defaults(saved), sep=".")
+  new = flatten(json.loads(config_lib.to_json(config)), sep=".")
+  step = trained_steps(workdir)
+  added = [{"step": step, "field": k, "old": old.get(k), "new": new.get(k)}
+           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  return earlier + added, added
+
+
+def describe_change(change: dict, workdir) -> str | None:
+  """One line for a change of a SHAPING_FIELDS field (None for the others)."""
+  field, step, old, new = change["field"], change["step"], change["old"], change["new"]
+  if field == "steps":
+    return (f"{workdir}: extending the run from {old} to {new} steps; steps 1-{step} ran with the {old}-step "
+            "schedule (recorded in config_history of config.json and summary.json).")
+  if field == "optim.lr":
+    return (f"{workdir}: optim.lr {old} -> {new} from step {step} on; steps 1-{step} ran with {old} (recorded in "
+            "config_history of config.json and summary.json).")
+  return None
 
 
 def finished_summary(config, workdir) -> dict | None:

@@ -3,6 +3,8 @@
 The timm / MAE-official / big_vision fixtures are made here by renaming HF weights with mapping code
 written independently of the library. Run with -s to see the measured max abs differences.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,8 @@ from tpp_jax import tree as tree_lib  # pylint: disable=wrong-import-position
 from tpp_jax.checkpoints import convert as cv  # pylint: disable=wrong-import-position
 from tpp_jax.models.mae import MAEDecoder, random_masking  # pylint: disable=wrong-import-position
 from tpp_jax.models.vit import ViT, ViTConfig  # pylint: disable=wrong-import-position
+
+from conftest import one_error_line, run_cli  # pylint: disable=wrong-import-position
 
 TOL = 1e-4
 # (width, depth, heads, mlp_dim, patch) of the two test model sizes; HF models are built at 32 px.
@@ -381,3 +385,50 @@ def test_unknown_keys_are_unexpected_and_format_detection():
 def test_missing_file_names_path_and_field(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"nope\.pth.*init\.path"):
     cv.load_pretrained(tmp_path / "nope.pth", ViTConfig())
+
+
+# -- a .pth whose pickle asks to run code: refused by name, never run -----------------------------------------------
+
+class _RunsCode:
+  """Unpickled with plain pickle, this calls func(arg): the payload of a malicious checkpoint. Only ever saved here."""
+
+  def __init__(self, func, arg):
+    self.func, self.arg = func, arg
+
+  def __reduce__(self):
+    return self.func, (self.arg,)
+
+
+def _malicious_pth(path, func, marker):
+  """A .pth with a real state dict and a payload that would create `marker` if it ran."""
+  arg = f"touch {marker}" if func is os.system else f"__import__('pathlib').Path({str(marker)!r}).touch()"
+  torch.save({"model": {"cls_token": torch.zeros(1, 1, 8)}, "args": _RunsCode(func, arg)}, path)
+  return path
+
+
+def _refused(path, name):
+  return (f"init.path {path} refused: the file asks to run code (pickle global {name}); only plain tensors are "
+          "loaded. Save just the state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors.")
+
+
+@pytest.mark.parametrize("func", [os.system, eval], ids=["os.system", "builtins.eval"])
+def test_pickle_payload_is_refused_not_run(tmp_path, func):
+  marker = tmp_path / "ran"
+  path = _malicious_pth(tmp_path / "evil.pth", func, marker)
+  name = f"{os.system.__module__}.system" if func is os.system else "builtins.eval"  # posix.system on Linux
+  with pytest.raises(ValueError) as e:
+    cv.load_state_dict(path)
+  assert str(e.value) == _refused(path, name), e.value
+  assert "weights_only" not in str(e.value) and "truncated or corrupt" not in str(e.value)
+  assert not marker.exists()
+
+
+def test_pickle_payload_is_refused_through_the_cli(tmp_path):
+  marker = tmp_path / "ran"
+  path = _malicious_pth(tmp_path / "evil.pth", os.system, marker)
+  r = run_cli(["--config", "configs/experiment.py:demo,smoke", f"--config.init.path={path}",
+               "--workdir", str(tmp_path / "run")], timeout=180)
+  msg = one_error_line(r)
+  assert _refused(path, f"{os.system.__module__}.system") in msg, msg
+  assert "weights_only" not in r.stdout + r.stderr
+  assert not marker.exists()

@@ -295,3 +295,116 @@ def test_check_eval_splits():
   assert "data.path=/d.npz has none of eval_splits=['test']" in msg and "['train', 'val']" in msg, msg
   assert "final metrics would be empty" in msg and "--config.eval_splits=\"('val',)\"" in msg, msg
   assert isinstance(e.value, main.USER_ERRORS)
+
+
+# -- 8. split.csv paths that leave the data folder ------------------------------------------------------------------
+
+def _rewrite_row(root, index, column, value):
+  """split.csv of `root` with data row `index` (0-based) having `column` = `value`."""
+  import csv
+  with open(root / "split.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  rows[index][column] = value
+  with open(root / "split.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["image", "mask", "split"])
+    w.writeheader()
+    w.writerows(rows)
+
+
+def _escape_message(root, row, column, value):
+  return (f"{root / 'split.csv'} row {row} (line {row + 1}): {column} path {value!r} resolves to ",
+          "paths in split.csv are relative to DATA_ROOT (data.path=", "and must stay inside it")
+
+
+def test_seg_split_csv_path_outside_the_data_root_cli(tmp_path):
+  """`../secret.png` is a readable image beside the data folder: refused by name, not opened, through the CLI."""
+  root = tmp_path / "seg"
+  write_seg(root, ["train"] * 4 + ["val", "test"], size=(32, 32))
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "secret.png")
+  _rewrite_row(root, 2, "image", "../secret.png")
+  r = run_cli(["--config", "configs/experiment.py:kvasir,smoke,px32", f"--config.data.path={root}",
+               "--workdir", str(tmp_path / "run")], timeout=180)
+  msg = one_error_line(r)
+  for part in _escape_message(root, 3, "image", "../secret.png"):
+    assert part in msg, msg
+  assert str(tmp_path / "secret.png") in msg, msg
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "mask_in_other_split"])
+def test_seg_split_csv_path_outside_the_data_root(tmp_path, case):
+  root = tmp_path / "seg"
+  write_seg(root, ["train", "train", "val"])
+  outside = tmp_path / "elsewhere" / "x.png"
+  outside.parent.mkdir()
+  Image.fromarray(np.zeros((12, 16), np.uint8)).save(outside)  # a real, readable image: only the check stops it
+  if case == "dotdot":
+    row, column, value = 1, "image", "images/../../elsewhere/x.png"
+  elif case == "absolute":
+    row, column, value = 2, "mask", str(outside)
+  elif case == "symlink":  # inside by name, outside once the link is followed
+    (root / "masks" / "link.png").symlink_to(outside)
+    row, column, value = 1, "mask", "masks/link.png"
+  else:  # a bad row of the val split stops the train split too: every row is checked
+    row, column, value = 3, "mask", "../elsewhere/x.png"
+  _rewrite_row(root, row - 1, column, value)
+  for build in (lambda: sources.SegFolderSource(root, "train"),
+                lambda: data_pipeline.build_sources({"source": "seg_folder", "path": str(root)}, num_classes=2)):
+    with pytest.raises(ValueError) as e:
+      build()
+    msg = str(e.value)
+    for part in _escape_message(root, row, column, value):
+      assert part in msg, msg
+    assert f"outside the data folder {root.resolve()}" in msg, msg
+    assert str(outside.resolve()) in msg, msg
+
+
+def test_seg_split_csv_paths_inside_the_root_still_load(tmp_path):
+  """`..` that stays inside, and a data root reached through a symlink, are fine."""
+  write_seg(tmp_path / "seg", ["train", "train", "val"])
+  _rewrite_row(tmp_path / "seg", 0, "image", "masks/../images/0.png")
+  (tmp_path / "link").symlink_to(tmp_path / "seg")
+  for root in (tmp_path / "seg", tmp_path / "link"):
+    src = sources.SegFolderSource(root, "train")
+    assert len(src) == 2 and src[0]["image"].shape == (12, 16, 3)
+
+
+# -- 9. an npz split with images but no labels ----------------------------------------------------------------------
+
+def _npz_without(tmp_path, missing):
+  images = np.random.default_rng(0).integers(0, 256, (32, 32, 32), dtype=np.uint8)
+  arrays = {f"{s}_{k}": images if k == "images" else np.arange(32) % 2
+            for s in ("train", "val", "test") for k in ("images", "labels")}
+  del arrays[missing]
+  p = tmp_path / f"no_{missing}.npz"
+  np.savez(p, **arrays)
+  return p
+
+
+def test_npz_val_images_without_labels_cli(tmp_path):
+  """It used to train to exit 0 with `best: null` after a warning; now one line names the file and the key."""
+  npz = _npz_without(tmp_path, "val_labels")
+  r = run_cli(["--config", "configs/experiment.py:demo,smoke", f"--config.data.path={npz}",
+               "--workdir", str(tmp_path / "run")], timeout=180)
+  msg = one_error_line(r)
+  assert f"data.path: {npz} has 'val_images' but no 'val_labels'" in msg, msg
+  assert "Add 'val_labels' ((N,) integer class indices) to the npz, or remove 'val_images'." in msg, msg
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_npz_images_without_labels_in_process(tmp_path):
+  no_train = _npz_without(tmp_path, "train_labels")
+  with pytest.raises(ValueError, match=r"no_train_labels\.npz has 'train_images' but no 'train_labels'") as e:
+    data_pipeline.build_sources({"source": "npz", "path": str(no_train)}, num_classes=2)
+  assert "no 'train' split" not in str(e.value) and isinstance(e.value, main.USER_ERRORS)
+  only_images = tmp_path / "only_images.npz"  # no images / labels pair at all: still names the key
+  np.savez(only_images, train_images=np.zeros((4, 8, 8), np.uint8))
+  with pytest.raises(ValueError, match=r"has 'train_images' but no 'train_labels'"):
+    data_pipeline.build_sources({"source": "npz", "path": str(only_images)}, num_classes=2)
+  no_test = _npz_without(tmp_path, "test_labels")
+  for split in ("train", "val", "test"):
+    with pytest.raises(ValueError, match=r"has 'test_images' but no 'test_labels'.* or remove 'test_images'\."):
+      sources.NpzSource(no_test, split, num_classes=2)
+  # Stages without labels (pretrain / tpp: num_classes None) still read such a file: the unlabelled split is left out.
+  assert sorted(data_pipeline.build_sources({"source": "npz", "path": str(no_test)})) == ["train", "val"]
+  assert len(sources.NpzSource(no_test, "train")) == 32

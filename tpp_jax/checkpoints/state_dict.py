@@ -1,6 +1,7 @@
 """Checkpoint files -> a flat {name: float32 array} state dict: torch .pth/.pt/.bin, .safetensors, big_vision .npz.
 
-Errors name the file and the fix (a truncated / corrupt file, torch missing, Python objects in a .pth).
+Errors name the file and the fix (a truncated / corrupt file, torch missing, a .pth whose pickle asks to run
+code: refused, never loaded).
 """
 from __future__ import annotations
 
@@ -90,13 +91,15 @@ def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
     raise
   except Exception as e:  # noqa: BLE001 - RuntimeError / UnpicklingError / OSError: torch names no common base
     text = str(e).strip()
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if refused:
-      raise ValueError(f"init.path {path} holds Python objects besides tensors ({refused.group(1)}) that "
-                       "torch.load(weights_only=True) refuses; save just its state dict (torch.save(ckpt['model'], "
-                       "'X.pth')) or convert it to .safetensors.") from None
+    refused = _refused_global(text)
+    if refused:  # never repeat torch's hint to load it with weights_only=False: that runs the file's code
+      raise ValueError(f"init.path {path} refused: the file asks to run code (pickle global {refused}); only plain "
+                       "tensors are loaded. Save just the state dict (torch.save(model.state_dict(), ...)) or "
+                       "convert it to .safetensors.") from None
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # garbage where the pickle should be
     reason = (detail.group(1) if detail else text.splitlines()[0] if text else type(e).__name__).strip()
+    if "weights_only" in reason:  # torch's advice to turn the safe loader off: not ours to give
+      reason = type(e).__name__
     raise ValueError(f"init.path {path} is not a readable PyTorch checkpoint (truncated or corrupt: {reason}); "
                      f"{REDOWNLOAD}.") from None
   while isinstance(obj, Mapping):
@@ -107,6 +110,22 @@ def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
   if not isinstance(obj, Mapping):
     raise ValueError(f"init.path={str(path)!r} holds a {type(obj).__name__}, not a state dict.")
   return {k: v.detach().float().cpu().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _refused_global(text: str) -> str | None:
+  """The pickle global (module.name) that torch's WeightsUnpickler refused, from its error text, or None.
+
+  torch says 'Unsupported global: GLOBAL X was not an allowed global' (a 'builtins.' prefix stripped), 'Trying to
+  load unsupported GLOBAL X whose module M is blocked' (os / posix / nt / sys) or 'Trying to call reduce for
+  unrecognized function F'.
+  """
+  found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+  if found:
+    name = found.group(1)
+    return name if "." in name else f"builtins.{name}"
+  found = (re.search(r"unsupported GLOBAL (\S+) whose module", text) or
+           re.search(r"call reduce for unrecognized function (.+?)(?: which belongs to|$)", text, re.M))
+  return found.group(1).strip() if found else None
 
 
 def _clean(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:

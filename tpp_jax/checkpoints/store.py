@@ -8,25 +8,65 @@ Layout in the workdir:
 
 A store opened on a workdir checks the newest steps first: a damaged one is reported in one line and moved aside, so
 the run resumes from the newest intact step and keep-N never deletes an intact step while a damaged one is newer.
+A save that fails for the disk (full, read-only, no permission) raises one CheckpointWriteError (an OSError naming the
+step and the file) instead of orbax's tracebacks; its unfinished folder is removed, every finished step is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import pathlib
 import shutil
 import sys
+import threading
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tpp_jax.errors import as_os_error
 from tpp_jax.tree import flatten, leaf_paths, path_str, unflatten
 from tpp_jax.workdir import step_folders
 
 CHECKSUMS = "tpp_checksums.json"
 DAMAGED = "damaged_checkpoints"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step into <step>.orbax-checkpoint-tmp[-<time>], then renames it
+SETTLE_TIMEOUT_S = 300  # how long a failed save waits for each of orbax's other save threads
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, read-only, no permission): `what` names the step, `filename` the
+  file; the checkpoints saved before are intact."""
+
+  what = "saving a checkpoint"
+
+
+def _quiet_closed_loops(hook):
+  """sys.unraisablehook `hook` without the 'Event loop is closed' RuntimeError tensorstore reports (a bare traceback
+  on stderr) for each array write still in flight when a failing orbax save closed the event loop awaiting it:
+  nothing is lost, that step is discarded anyway."""
+  if getattr(hook, "quiet_closed_loops", False):
+    return hook
+
+  def quiet(unraisable):
+    e = unraisable.exc_value
+    if unraisable.object is None and isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    hook(unraisable)
+  quiet.quiet_closed_loops = True
+  return quiet
+
+
+class _HeldLogs(logging.Filter):
+  """Holds back what is logged on the absl logger (orbax's) while attached."""
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def filter(self, record):
+    self.records.append(record)
+    return False
 
 
 def _files(step_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -149,12 +189,14 @@ class CheckpointStore:
     drop_damaged(self.dir / "best")
     self._open()
 
-  def _open(self):
-    self.latest = ocp.CheckpointManager(
-        self.dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
-    self.best = ocp.CheckpointManager(
-        self.dir / "best", options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["value"], best_mode=self.best_mode))
+  def _open(self, which=("latest", "best")):
+    if "latest" in which:
+      self.latest = ocp.CheckpointManager(
+          self.dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
+    if "best" in which:
+      self.best = ocp.CheckpointManager(
+          self.dir / "best", options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=True, best_fn=lambda m: m["value"], best_mode=self.best_mode))
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -162,9 +204,60 @@ class CheckpointStore:
   def save(self, step: int, state: dict, meta: dict, force: bool = False):
     if step in self.latest.all_steps():  # already saved (e.g. a periodic save at the same step)
       return
-    self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)), force=force)
-    self._seal(self.latest, step)
+    with self._writing(self.latest, step, f"saving checkpoint step {step}"):
+      self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)), force=force)
+      self._seal(self.latest, step)
+
+  @contextlib.contextmanager
+  def _writing(self, mngr, step: int, what: str):
+    """One save, waited for: a disk failure (in this thread or orbax's save threads, which log it with a traceback
+    each) surfaces as one CheckpointWriteError and nothing of orbax's logs; the step's unfinished files are removed.
+    Any other failure raises as it is, with orbax's logs."""
+    folder = pathlib.Path(mngr.directory)
+    held, absl_logger = _HeldLogs(), logging.getLogger("absl")
+    absl_logger.addFilter(held)
+    unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_closed_loops(unraisable_hook)  # kept after a failure: late writes report there too
+    try:
+      yield
+      sys.unraisablehook = unraisable_hook
+    except Exception as e:
+      err = as_os_error(e, folder / str(step))
+      if err is None:
+        raise
+      self._settle(mngr)
+      held.records.clear()
+      self._drop_unfinished(folder, step)
+      failed = CheckpointWriteError(err.errno, err.strerror, err.filename)
+      failed.what = what
+      raise failed from e
+    finally:
+      absl_logger.removeFilter(held)
+      for record in held.records:  # a save that worked (or failed otherwise): orbax's logs as they were
+        absl_logger.handle(record)
+
+  def _settle(self, mngr):
+    """After a failed save: wait for orbax's other save threads (the first failure reaches this thread while they
+    still write into the step's folder; left running they would log their own failures, and fail again when the
+    interpreter exits), then put a fresh manager in place of the failed one."""
+    with contextlib.suppress(Exception):  # the failure is already in hand; closing reports it again
+      mngr.close()
+    for thread in threading.enumerate():
+      if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+        threading.Thread.join(thread, SETTLE_TIMEOUT_S)  # orbax's join would raise the thread's failure again
+    with contextlib.suppress(Exception):  # a folder that cannot be opened again fails the next save, as it should
+      self._open(("latest",) if mngr is self.latest else ("best",))
+
+  def _drop_unfinished(self, folder: pathlib.Path, step: int):
+    """Remove what a failed save of `step` left: orbax's temporary folder (never a finished step) and a half-written
+    checksum file (the step stays valid without it: orbax had finished it)."""
+    if not _is_main():
+      return
+    for tmp in folder.glob(f"{step}{TMP_SUFFIX}*"):
+      shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):
+      (folder / str(step) / (CHECKSUMS + ".tmp")).unlink(missing_ok=True)
 
   def _seal(self, mngr, step: int):
     """Wait for orbax to finish the step, then write its checksums (what restore verifies)."""
@@ -182,10 +275,11 @@ class CheckpointStore:
   def save_best(self, step: int, state: dict, value: float, meta: dict):
     if step in self.best.all_steps():  # a resumed run re-reaching a kept step: resume is exact, so it is the same
       return
-    self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 meta=ocp.args.JsonSave(meta)),
-                   metrics={"value": float(value)}, force=True)
-    self._seal(self.best, step)
+    with self._writing(self.best, step, f"saving the best checkpoint (step {step})"):
+      self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)),
+                     metrics={"value": float(value)}, force=True)
+      self._seal(self.best, step)
 
   def restore_best(self, template: dict) -> tuple[dict, dict]:
     """Restore ({'params', 'aux'}, meta) of the kept best step into the structure/shardings of `template`

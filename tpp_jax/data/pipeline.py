@@ -398,6 +398,8 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
                        ".npz file.")
     with sources_lib.open_npz(p, "data.path") as npz:
       keys = set(npz.files)
+    if num_classes is not None:  # a labelled stage: images without their labels name the missing key
+      sources_lib.check_npz_labels(keys, "train", p, "data.path")
     splits = [s for s in ("train", "val", "test")
               if f"{s}_images" in keys and f"{s}_labels" in keys]
     if not splits:

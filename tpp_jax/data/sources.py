@@ -79,6 +79,8 @@ class NpzSource(_Base):
       splits = sorted(k[:-len("_images")] for k in keys
                       if k.endswith("_images") and
                       k[:-len("_images")] + "_labels" in keys)
+      if num_classes is not None:  # a stage that trains on labels
+        check_npz_labels(keys, split, p, field)
       for key in (f"{split}_images", f"{split}_labels"):
         if key not in keys:
           raise ValueError(
@@ -143,19 +145,57 @@ class NpzSource(_Base):
             "label": self.labels[index]}
 
 
+def check_npz_labels(keys: set[str], split: str, path: pathlib.Path,
+                     field: str) -> None:
+  """For a stage that needs labels: every ``X_images`` of the splits a run
+  reads (train / val / test and ``split``) has its ``X_labels``, else one
+  ValueError naming the file and the missing key (otherwise the split would be
+  skipped: a run without val / test metrics, or 'no train split')."""
+  names = dict.fromkeys(("train", "val", "test", split))
+  missing = [s for s in names
+             if f"{s}_images" in keys and f"{s}_labels" not in keys]
+  if missing:
+    images = ", ".join(repr(f"{s}_images") for s in missing)
+    labels = ", ".join(repr(f"{s}_labels") for s in missing)
+    raise ValueError(
+        f"{field}: {path} has {images} but no {labels}; this stage trains and "
+        "evaluates on class labels, so each split's images need their labels."
+        f" Add {labels} ((N,) integer class indices) to the npz, or remove "
+        f"{images}.")
+
+
 # ----------------------------------------------------------------------------
 # Image + mask folders with split.csv.
 # ----------------------------------------------------------------------------
 _SEG_FIX = "replace it, or remove its row from split.csv"
 
 
+def _check_inside(root: pathlib.Path, real_root: pathlib.Path,
+                  value: str | None, csv_path: pathlib.Path, number: int,
+                  line: int, col: str, field: str) -> None:
+  """A path listed in ``csv_path`` must resolve (``..`` and symlinks followed)
+  inside the data root ``root`` (``real_root``: its realpath), else one
+  ValueError naming the row and the fix (an absolute path, ``../`` or a symlink
+  out of the folder would open any file the process can read)."""
+  real = pathlib.Path(os.path.realpath(root / (value or "")))
+  if real == real_root or real_root in real.parents:
+    return
+  raise ValueError(
+      f"{csv_path} row {number} (line {line}): {col} path {value!r} resolves to "
+      f"{real}, outside the data folder {real_root}; paths in split.csv are "
+      f"relative to DATA_ROOT ({field}={root}) and must stay inside it. Move "
+      "the file under the data folder and list it relative to it (e.g. "
+      "images/x.png), or remove the row.")
+
+
 class SegFolderSource(_Base):
   """Segmentation pairs listed in ``root/split.csv`` (``image,mask,split``).
 
-  Paths in the csv are relative to ``root``. Masks with values {0, 255} are
-  binarised (``> 127 -> 1``); other masks are kept as class indices. With
-  ``cache`` on (see ``ImageStore``) every pair is decoded once at construction;
-  off, each read decodes with PIL.
+  Paths in the csv are relative to ``root`` and must resolve inside it (an
+  absolute path, ``..`` or a symlink out of ``root`` is refused). Masks with
+  values {0, 255} are binarised (``> 127 -> 1``); other masks are kept as class
+  indices. With ``cache`` on (see ``ImageStore``) every pair is decoded once at
+  construction; off, each read decodes with PIL.
   """
 
   task = SEGMENTATION
@@ -178,7 +218,12 @@ class SegFolderSource(_Base):
       if not {"image", "mask", "split"} <= cols:
         raise ValueError(f"{csv_path}: needs columns image,mask,split, got "
                          f"{sorted(cols)}.")
-      rows = list(reader)
+      rows, real_root = [], pathlib.Path(os.path.realpath(root))
+      for number, r in enumerate(reader, 1):  # every row, whatever its split
+        for col in ("image", "mask"):
+          _check_inside(root, real_root, r[col], csv_path, number,
+                        reader.line_num, col, field)
+        rows.append(r)
     splits = sorted({r["split"] for r in rows})
     rows = [r for r in rows if r["split"] == split]
     if not rows:

@@ -15,7 +15,9 @@ Only numpy and matplotlib (Agg canvas, no pyplot) are needed (statistics: tpp_ja
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
+import sys
 from typing import Sequence
 
 from tpp_jax.report.collect import NoRunsError
@@ -32,5 +34,11 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     path = write_report(a.run_dirs[0], a.run_dirs[1:])
   except (NoRunsError, FileNotFoundError) as e:
     ap.error(str(e))
+  except OSError as e:  # the first RUN_DIR unwritable, its disk full: one line, exit 2
+    if os.environ.get("TPP_DEBUG"):
+      raise
+    from tpp_jax.errors import output_error_line
+    print("error: " + output_error_line(e, a.run_dirs[0], "writing the report", "first RUN_DIR"), file=sys.stderr)
+    sys.exit(2)
   print(f"Report: {path}")
   return path
