@@ -144,3 +144,26 @@ def test_segmentation_masks_at_the_original_size(seg_run, tmp_path):
     assert (int(r["height"]), int(r["width"])) == (h, w)
     assert float(r["frac_background"]) + float(r["frac_foreground"]) == pytest.approx(1.0, abs=1e-5)
   assert (out / "masks" / "a" / "wide.png").exists() and (out / "overlays" / "grey.png").exists()
+
+
+def test_a_predict_that_dies_midway_leaves_no_predictions_csv(cls_run, tmp_path, monkeypatch):
+  """predictions.csv appears whole or not at all (its rows go to a temporary file renamed at the end)."""
+  wd, _ = cls_run
+  d = tmp_path / "in"
+  d.mkdir()
+  for i in range(5):
+    Image.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(d / f"{i}.png")
+  real_add = predict._Writer.add
+
+  def add_then_die(self, item, result, image):
+    if item.name == "3.png":
+      raise RuntimeError("killed")
+    return real_add(self, item, result, image)
+
+  monkeypatch.setattr(predict._Writer, "add", add_then_die)
+  with pytest.raises(RuntimeError, match="killed"):
+    predict.main([str(wd), str(d), str(tmp_path / "out"), "--batch-size", "8", "--no-progress"])
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+  monkeypatch.undo()
+  predict.main([str(wd), str(d), str(tmp_path / "out2"), "--batch-size", "8", "--no-progress"])
+  assert len(read_csv(tmp_path / "out2" / "predictions.csv")) == 5

@@ -22,6 +22,7 @@ from tpp_jax.checkpoints import restore as restore_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
 from tpp_jax.errors import ConfigError
+from tpp_jax.jsonio import write_atomic
 
 
 def eval_sources(config, splits) -> dict:
@@ -67,6 +68,6 @@ def run(config, workdir) -> dict:
   mesh = build_lib.make_mesh()
   results = {split: evaluate_split(loaded, sources[split], mesh) for split in splits if split in sources}
   out = {"workdir": str(wd), "checkpoint": loaded.checkpoint, "step": int(loaded.step), "results": results}
-  (wd / "eval.json").write_text(json.dumps(out, indent=2))
+  write_atomic(wd / "eval.json", json.dumps(out, indent=2))
   print(json.dumps(out, indent=2))
   return out

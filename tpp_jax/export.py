@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from tpp_jax import config as config_lib
-from tpp_jax.jsonio import read_json
+from tpp_jax.jsonio import read_json, write_atomic
 
 FORMATS = ("adapter", "peft", "merged")
 LORA_TYPES = ("lora", "dora")
@@ -141,9 +141,9 @@ def export_peft(run, out: pathlib.Path, hf_fmt: str, weights: pathlib.Path) -> l
   _peft_notes(run, base)
   out.mkdir(parents=True, exist_ok=True)
   save_file(tensors, str(out / adapter_lib.PEFT_WEIGHTS), metadata={"format": "pt"})
-  (out / adapter_lib.CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+  write_atomic(out / adapter_lib.CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
   p = run.encoder.peft
-  (out / "README.md").write_text(
+  write_atomic(out / "README.md",
       f"# {p.type.upper()}{' (rsLoRA)' if p.rslora else ''} adapter exported by tpp_jax\n\n"
       f"Base model: `{base}` ({base_class}). Trained by the `{run.config.stage}` run `{run.run_dir}` "
       f"(step {run.step}, {run.checkpoint} checkpoint); r={p.rank}, alpha={p.alpha}, targets={list(p.targets)}.\n\n"
@@ -191,7 +191,7 @@ def export_merged(run, out: pathlib.Path, hf_fmt: str | None, weights: pathlib.P
     base_cfg = read_json(cfg_file, require_object=True) if cfg_file.is_file() else {}
   out.mkdir(parents=True, exist_ok=True)
   save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-  (out / "config.json").write_text(json.dumps(hf_export.vit_config_json(run.encoder.cfg, base_cfg), indent=2) + "\n")
+  write_atomic(out / "config.json", json.dumps(hf_export.vit_config_json(run.encoder.cfg, base_cfg), indent=2) + "\n")
   files = ["model.safetensors", "config.json"]
   head, aux = _head_leaves(run)
   if head:
@@ -202,7 +202,7 @@ def export_merged(run, out: pathlib.Path, hf_fmt: str | None, weights: pathlib.P
              else "apply with tpp_jax (models/heads.py) on the encoder outputs")
     info = {**_provenance(run), "head": sorted(head), "aux": sorted(aux), "pooling": vit.pooling,
             "num_classes": int(t.num_classes), "usage": usage}
-    (out / "head_config.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_atomic(out / "head_config.json", json.dumps(info, indent=2, default=str) + "\n")
     files += ["head.safetensors", "head_config.json"]
   return files
 

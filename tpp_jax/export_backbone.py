@@ -33,7 +33,7 @@ from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.data import transforms as data_transforms
 from tpp_jax.figures import mae_reconstructions
-from tpp_jax.jsonio import read_jsonl
+from tpp_jax.jsonio import read_jsonl, write_atomic
 from tpp_jax.models.mae import patchify
 
 
@@ -113,7 +113,7 @@ def export(run_dir, out_dir, name: str) -> dict:
       "images_per_sec": train_rows[-1].get("images_per_sec") if train_rows else None,
       "heldout": ev, "heldout_images": len(trainer.sources["val"]),
   }
-  (out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+  write_atomic(out_dir / "eval.json", json.dumps(summary, indent=2))
   print(json.dumps(summary, indent=2))
   return summary
 

@@ -22,6 +22,7 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -31,6 +32,8 @@ import time
 from typing import Callable
 
 import numpy as np
+
+from tpp_jax.jsonio import write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TASK_STAGES = ("finetune", "linear", "full")
@@ -190,11 +193,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
 
 
 class _Writer:
-  """predictions.csv (+ masks/overlays for segmentation) written batch by batch."""
+  """predictions.csv (+ masks/overlays for segmentation) written batch by batch into a temporary file that becomes
+  predictions.csv only when every batch is in: a killed predict leaves no partial table under that name."""
 
   def __init__(self, out: pathlib.Path, task: str, names: list[str]):
     self.out, self.task, self.names = out, task, names
-    self.file = open(out / "predictions.csv", "w", newline="")
+    self.partial = out / ".predictions.csv.partial"
+    self.file = open(self.partial, "w", newline="")
     self.csv = csv.writer(self.file)
     if task == "segmentation":
       (out / "masks").mkdir(exist_ok=True)
@@ -218,8 +223,12 @@ class _Writer:
     fracs = np.bincount(mask.reshape(-1), minlength=len(self.names))[:len(self.names)] / mask.size
     self.csv.writerow([item.name, mask_rel, over_rel, h, w] + [f"{f:.6g}" for f in fracs])
 
-  def close(self):
+  def close(self, complete: bool):
     self.file.close()
+    if complete:
+      os.replace(self.partial, self.out / "predictions.csv")
+    else:
+      self.partial.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +283,7 @@ def predict(run_dir, input_path, out_dir, checkpoint: str = "best", batch_size: 
     return len(pending)
 
   workers = workers or min(8, os.cpu_count() or 1)
+  complete = False
   try:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       pending = []
@@ -289,18 +299,18 @@ def predict(run_dir, input_path, out_dir, checkpoint: str = "best", batch_size: 
             pending = []
       if pending:
         done += flush(pending)
+    complete = True
   finally:
-    writer.close()
+    writer.close(complete)
     bar.close()
-  with open(out / "errors.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["file", "error"])
-    w.writerows(errors)
+  table = io.StringIO()
+  csv.writer(table).writerows([["file", "error"], *errors])
+  write_atomic(out / "errors.csv", table.getvalue())
   summary = {"run": str(run_dir), "stage": cfg.stage, "task": task, "checkpoint": run.checkpoint, "step": run.step,
              "input": str(pathlib.Path(input_path).expanduser().absolute()), "images": len(items),
              "predicted": done, "errors": len(errors), "classes": names, "image_size": int(cfg.data.image_size),
              "batch_size": bs, "devices": n_dev, "seconds": round(time.time() - t0, 2)}
-  (out / "predict.json").write_text(json.dumps(summary, indent=2))
+  write_atomic(out / "predict.json", json.dumps(summary, indent=2))
   print(f"Predicted {done} of {len(items)} image(s) with {run_dir} ({cfg.stage}, {run.checkpoint} checkpoint, "
         f"step {run.step}) -> {out / 'predictions.csv'}"
         + (f"; {len(errors)} could not be read, see {out / 'errors.csv'}" if errors else ""))

@@ -28,7 +28,7 @@ import numpy as np
 
 from tpp_jax import config as config_lib
 from tpp_jax.checkpoints.hf_export import flatten
-from tpp_jax.jsonio import read_json
+from tpp_jax.jsonio import read_json, write_atomic
 from tpp_jax.tree import unflatten
 
 ConfigError = config_lib.ConfigError
@@ -87,7 +87,7 @@ def write_adapter(out: pathlib.Path, leaves: Mapping[str, np.ndarray], meta: Map
   tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in sorted(leaves.items())}
   save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
   meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_VERSION, **meta}
-  (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+  write_atomic(out / CONFIG_FILE, json.dumps(meta, indent=2, default=str) + "\n")
   return [ADAPTER_WEIGHTS, CONFIG_FILE]
 
 
