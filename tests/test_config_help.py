@@ -1,9 +1,8 @@
 """Every config field has one line of help (tpp_jax/config_help.py), and docs/config.md is generated from it."""
-import ast
 import pathlib
-import re
 
 import ml_collections as mlc
+from test_config_schema import names_read
 
 from tpp_jax import config as config_lib
 from tpp_jax import config_help
@@ -72,16 +71,7 @@ def test_text_help_mentions_every_field_and_its_default():
 def test_config_help_reads_no_field():
   """tests/test_config_schema.py counts a field-name string or attribute anywhere in tpp_jax as a read of that field:
   config_help.py, which names every field, must count as reading none (its table is one multi-line string)."""
-  tree = ast.parse(pathlib.Path(config_help.__file__).read_text())
-  docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                if isinstance(n, (ast.Module, ast.FunctionDef)) and n.body and isinstance(n.body[0], ast.Expr)}
-  names = set()
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-      names.add(node.attr)
-    elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-      if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", node.value):
-        names |= {node.value, node.value.rsplit(".", 1)[-1]}
+  names = names_read(pathlib.Path(config_help.__file__).read_text())  # the schema test's own reader
   leaves = _leaf_names(config_lib.base_config())
   fields = set(leaves) | {name.rsplit(".", 1)[-1] for name in leaves}
   assert not names & fields, f"tpp_jax/config_help.py reads {sorted(names & fields)} as test_config_schema sees it."
