@@ -22,3 +22,10 @@ def test_relative_links_point_at_files():
       if not target.startswith(("http://", "https://", "mailto:")) and not (md.parent / target).exists():
         broken.append(f"{md.relative_to(ROOT)} -> {target}")
   assert not broken, broken
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+  ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip().startswith("python -m pytest")]
+  assert len(ci) == 1, ci
+  readme = (ROOT / "README.md").read_text()
+  assert readme.count(ci[0]) == 1 and (ROOT / "CONTRIBUTING.md").read_text().count(ci[0]) == 1, ci[0]
