@@ -217,6 +217,7 @@ class CheckpointStore:
     folder = pathlib.Path(mngr.directory)
     held, absl_logger = _HeldLogs(), logging.getLogger("absl")
     absl_logger.addFilter(held)
+    before = set(threading.enumerate())
     unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_closed_loops(unraisable_hook)  # kept after a failure: late writes report there too
     try:
@@ -226,7 +227,7 @@ class CheckpointStore:
       err = as_os_error(e, folder / str(step))
       if err is None:
         raise
-      self._settle(mngr)
+      self._settle(mngr, before)  # every thread the save started has ended: none can log after this
       held.records.clear()
       self._drop_unfinished(folder, step)
       failed = CheckpointWriteError(err.errno, err.strerror, err.filename)
@@ -237,15 +238,19 @@ class CheckpointStore:
       for record in held.records:  # a save that worked (or failed otherwise): orbax's logs as they were
         absl_logger.handle(record)
 
-  def _settle(self, mngr):
-    """After a failed save: wait for orbax's other save threads (the first failure reaches this thread while they
+  def _settle(self, mngr, before: set):
+    """After a failed save: wait for the save's other threads (the first failure reaches this thread while they
     still write into the step's folder; left running they would log their own failures, and fail again when the
-    interpreter exits), then put a fresh manager in place of the failed one."""
+    interpreter exits), then put a fresh manager in place of the failed one. `before`: the threads alive before the
+    save; every other one is the save's (orbax's own classes and the plain threads it starts: async_save, the
+    metadata store's worker)."""
     with contextlib.suppress(Exception):  # the failure is already in hand; closing reports it again
       mngr.close()
     for thread in threading.enumerate():
-      if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+      if thread is not threading.current_thread() and thread not in before and not thread.daemon:
         threading.Thread.join(thread, SETTLE_TIMEOUT_S)  # orbax's join would raise the thread's failure again
+      elif thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+        threading.Thread.join(thread, SETTLE_TIMEOUT_S)
     with contextlib.suppress(Exception):  # a folder that cannot be opened again fails the next save, as it should
       self._open(("latest",) if mngr is self.latest else ("best",))
 
