@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tpp_jax import errors, main
+from tpp_jax import errors, jsonio, main
 from tpp_jax.checkpoints import store
 from tpp_jax.workdir import step_folders
 
@@ -61,6 +61,8 @@ def test_the_line_names_what_was_written_the_path_the_errno_and_the_fix():
   full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{wd}/metrics.jsonl")
   assert errors.os_error_line(full, main.run_file_role(full.filename, wd), path=wd) == (
       f"writing the run's metrics: {wd}/metrics.jsonl: [Errno 28] No space left on device; {ENOSPC_LINE_END}")
+  for temp in (".config.json.k3j_x9.tmp", ".summary.json.a1b2.tmp", "metrics.jsonl.tmp"):  # write_atomic's, trim's
+    assert main.run_file_role(f"{wd}/{temp}", wd) == main.RUN_FILES[jsonio.written_name(temp)], temp
   read_only = OSError(errno.EROFS, os.strerror(errno.EROFS), wd)
   assert errors.os_error_line(read_only, main.run_file_role(wd, wd), path=wd) == (
       f"creating the run folder (--workdir): {wd}: [Errno 30] Read-only file system; make it writable or choose "

@@ -226,9 +226,7 @@ class Trainer:
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
     }
     if is_main:
-      tmp = wd / "summary.json.tmp"  # written whole or not at all: a kill never leaves half a summary
-      tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
-      tmp.replace(wd / "summary.json")
+      write_atomic(wd / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     logger.close()
     return summary
 

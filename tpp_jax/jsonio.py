@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import tempfile
 
 from tpp_jax.errors import ConfigError
@@ -38,6 +39,12 @@ def read_jsonl(path) -> list[dict]:
       except json.JSONDecodeError:
         continue
   return rows
+
+
+def written_name(name: str) -> str:
+  """The file a temporary file of `write_atomic` (`.NAME.XXXX.tmp`) or a `NAME.tmp` stands for; `name` otherwise."""
+  m = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", name)
+  return m.group(1) if m else name[:-len(".tmp")] if name.endswith(".tmp") else name
 
 
 def write_atomic(path, data: str | bytes) -> pathlib.Path:

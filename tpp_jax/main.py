@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tpp_jax.errors import os_error_line
+from tpp_jax.jsonio import written_name
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (created; an existing run resumes).")
@@ -67,10 +68,10 @@ def main(argv):
 
 # What a run writes in its workdir: a file or folder name (the innermost one of a path counts) -> what was written.
 RUN_FILES = {".lock": "locking the run folder", "config.json": "writing the run's config",
-             "config.json.tmp": "writing the run's config", "checkpoints": "saving a checkpoint",
+             "checkpoints": "saving a checkpoint",
              "best": "saving the best checkpoint", "damaged_checkpoints": "moving a damaged checkpoint aside",
              "metrics.jsonl": "writing the run's metrics", "summary.json": "writing the run's summary",
-             "summary.json.tmp": "writing the run's summary", "tb": "writing the TensorBoard events",
+             "tb": "writing the TensorBoard events",
              "eval.json": "writing the evaluation", "report.md": "writing the report"}
 
 
@@ -86,7 +87,8 @@ def run_file_role(filename, workdir) -> str | None:
     parts = p.relative_to(wd).parts
   except ValueError:
     return None
-  return next((RUN_FILES[name] for name in reversed(parts) if name in RUN_FILES), "writing the run (--workdir)")
+  names = [written_name(name) for name in reversed(parts)]  # a temporary file counts as the file it becomes
+  return next((RUN_FILES[name] for name in names if name in RUN_FILES), "writing the run (--workdir)")
 
 
 def jax_distributed_requested(cfg) -> bool:

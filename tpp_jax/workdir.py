@@ -219,11 +219,6 @@ def check_config(config, workdir):
                       "to continue this one.")
 
 
-# Fields that shape the steps already trained: a change on a rerun applies from the resume step on only, and is
-# printed and recorded (config_history) so no file describes earlier steps as run under the new value.
-SHAPING_FIELDS = ("steps", "optim.lr")
-
-
 def config_history(config, workdir) -> tuple[list[dict], list[dict]]:
   """(the run's whole config_history, this rerun's new entries): every resumable field whose value differs from the
   saved config.json's, as {step (trained steps so far), field, old, new}; after check_config."""
@@ -241,7 +236,8 @@ def config_history(config, workdir) -> tuple[list[dict], list[dict]]:
 
 
 def describe_change(change: dict, workdir) -> str | None:
-  """One line for a change of a SHAPING_FIELDS field (None for the others)."""
+  """One line for a change of a field that shapes the steps already trained (steps, optim.lr: the change applies
+  from the resume step on, and is recorded in config_history); None for the others."""
   field, step, old, new = change["field"], change["step"], change["old"], change["new"]
   if field == "steps":
     return (f"{workdir}: extending the run from {old} to {new} steps; steps 1-{step} ran with the {old}-step "
