@@ -21,6 +21,7 @@ import pathlib
 import shutil
 import sys
 import threading
+import warnings
 
 import jax
 import numpy as np
@@ -55,6 +56,13 @@ def _quiet_closed_loops(hook):
     hook(unraisable)
   quiet.quiet_closed_loops = True
   return quiet
+
+
+def quiet_abandoned_writes():
+  """After a failed save: orbax's array writes that never started are coroutines nobody awaits; Python warns of each
+  when the interpreter exits ('coroutine ... was never awaited'), after the one error line. That step is discarded
+  anyway, so those warnings are dropped (only they)."""
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 class _HeldLogs(logging.Filter):
@@ -228,6 +236,7 @@ class CheckpointStore:
       if err is None:
         raise
       self._settle(mngr, before)  # every thread the save started has ended: none can log after this
+      quiet_abandoned_writes()
       held.records.clear()
       self._drop_unfinished(folder, step)
       failed = CheckpointWriteError(err.errno, err.strerror, err.filename)
