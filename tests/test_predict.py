@@ -97,8 +97,15 @@ def test_unreadable_file_is_listed_and_the_rest_predicted(cls_run, tmp_path, cap
   Image.fromarray(np.full((40, 30), 128, np.uint8)).save(d / "good.png")
   (d / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
   (d / "notes.txt").write_text("ignored: not an image")
-  predict.main([str(wd), str(d), str(tmp_path / "out"), "--no-progress"])
-  assert "1 could not be read" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:  # the rest are predicted, and the exit code says not all were
+    predict.main([str(wd), str(d), str(tmp_path / "out"), "--no-progress"])
+  assert e.value.code == 1
+  captured = capsys.readouterr()
+  assert "1 could not be read" in captured.out
+  assert captured.err.splitlines()[-1] == (f"error: 1 of 2 input(s) could not be read; the others are predicted. "
+                                           f"See {tmp_path / 'out' / 'errors.csv'}.")
+  # the 40x30 image is squashed to the square input: one warning, naming it
+  assert captured.err.count("warning:") == 1 and "good.png: 40x30 (HxW) is squashed to 32x32" in captured.err
   rows = read_csv(tmp_path / "out" / "predictions.csv")
   assert [x["file"] for x in rows] == ["good.png"]
   errors = read_csv(tmp_path / "out" / "errors.csv")
@@ -121,6 +128,41 @@ def test_bad_input_or_run_is_one_clear_error(cls_run, tmp_path, capsys):
   r = run_predict([tpp, DEMO, tmp_path / "o", "--split", "test"])  # through the real CLI
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
   assert r.stderr.startswith("error: ") and "'tpp' run: it has no task head" in r.stderr, r.stderr
+
+
+def test_an_out_that_holds_files_is_refused_unless_overwrite(cls_run, tmp_path, capsys):
+  wd, _ = cls_run
+  d, out = tmp_path / "in", tmp_path / "out"
+  d.mkdir()
+  Image.fromarray(np.full((32, 32), 100, np.uint8)).save(d / "a.png")
+  predict.main([str(wd), str(d), str(out), "--no-progress"])
+  (out / "mine.txt").write_text("the user's own file")
+  files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  fails_cleanly([str(wd), str(d), str(out)], capsys, "already holds files; choose a new folder, or add --overwrite")
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing touched
+  Image.fromarray(np.full((32, 32), 200, np.uint8)).save(d / "b.png")
+  predict.main([str(wd), str(d), str(out), "--no-progress", "--overwrite"])
+  assert [x["file"] for x in read_csv(out / "predictions.csv")] == ["a.png", "b.png"]
+  assert (out / "mine.txt").read_text() == "the user's own file"  # only an earlier prediction's files are replaced
+
+
+def test_segmentation_masks_are_the_argmax_of_bilinearly_upsampled_logits(seg_run, tmp_path):
+  """Against torch's bilinear interpolation (align_corners=False) of the model's logits."""
+  import torch
+
+  from tpp_jax.predictor import Predictor
+  run, _ = seg_run
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 255, (45, 70, 3), dtype=np.uint8)
+  model = Predictor(run)
+  batch = np.repeat(model.prepare(image)[None], model.batch_size, axis=0)
+  logits = np.asarray(model._fn(*model._params, batch))[0]  # (S, S, K) on the model's grid
+  up = torch.nn.functional.interpolate(torch.from_numpy(np.array(logits)).permute(2, 0, 1)[None], size=(45, 70),
+                                       mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+  ours = model.predict([image])[0]
+  nearest = np.asarray(Image.fromarray(logits.argmax(-1).astype(np.uint8)).resize((70, 45), Image.NEAREST))
+  assert ours.shape == (45, 70) and (ours == up).mean() > 0.995
+  assert (nearest != up).any()  # the upsampling the test tells apart from the old nearest-neighbour one
 
 
 def test_segmentation_masks_at_the_original_size(seg_run, tmp_path):

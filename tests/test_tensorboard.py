@@ -1,10 +1,12 @@
 """TensorBoard gets the report's images beside the scalars: MAE reconstructions (pretext stages) and
-segmentation overlays (segmentation task stages), at every evaluation and at the end of a run.
+segmentation overlays (segmentation task stages), at every evaluation and at the end of a run; the run's config as
+text and as hparams (with the final evaluation as their metrics); and a run prints its final metrics in one line.
 
 The event files are read without TensorFlow / tensorboard: TFRecord framing (length, masked CRC-32C, data,
 masked CRC-32C; checked with tensorboardX's own CRC) and tensorboardX's Event proto.
 """
 import io
+import json
 import pathlib
 import struct
 import subprocess
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tpp_jax import engine
+from tpp_jax.logging_utils import final_line
 
 from conftest import load_config
 
@@ -61,10 +64,13 @@ def check_png(image, min_size=64) -> np.ndarray:
   return a
 
 
-def test_tpp_run_writes_mae_reconstructions(tmp_path):
+def test_tpp_run_writes_mae_reconstructions(tmp_path, capsys):
   c = load_config("experiment", "demo,smoke,stage=tpp,steps=4,eval_every=2,checkpoint_every=0,"
                   "data.max_train_examples=32,data.max_eval_examples=16")
-  engine.train(c, tmp_path / "tpp")
+  summary = engine.train(c, tmp_path / "tpp")
+  final = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Final: ")]
+  assert final == [final_line(summary["final"])], final  # one line, every final metric of every eval split
+  assert all(f"{s}/{k} " in final[0] for s, res in summary["final"].items() for k in res), final
   events = read_events(tmp_path / "tpp")
   images = summaries(events, "image")
   # at the evaluation of step 2 and at the end (step 4), on validation images
@@ -105,3 +111,55 @@ def test_event_files_are_written_without_importing_torch(tmp_path):
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and r.stdout.strip() == "2.0", r.stderr[-2000:]
   assert summaries(read_events(tmp_path), "simple_value") == {("train/loss", 3): 0.25}
+
+
+def test_final_line():
+  assert final_line({"val": {"auc": 0.912345, "loss": 0.5}, "test": {"accuracy": 0.875, "n": 8}}) == \
+      "Final: val/auc 0.9123, val/loss 0.5, test/accuracy 0.875, test/n 8"
+
+
+def plugin_values(events, tag: str) -> list:
+  """[(step, Summary.Value)] of one tag."""
+  return [(e.step, v) for e in events for v in e.summary.value if v.tag == tag]
+
+
+def test_config_is_text_and_hparams_with_the_final_metrics(cls_run):
+  from tensorboardX.proto.api_pb2 import Status
+  from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+  wd, _ = cls_run
+  events = read_events(wd)
+  saved = json.loads((wd / "config.json").read_text())
+  summary = json.loads((wd / "summary.json").read_text())
+  # the config as a markdown code block (every line indented 4 spaces) on the text plugin, at the run's start
+  [(step, text)] = plugin_values(events, "config/text_summary")
+  assert step == 0 and text.metadata.plugin_data.plugin_name == "text"
+  body = text.tensor.string_val[0].decode()
+  assert all(l.startswith("    ") for l in body.splitlines())
+  assert json.loads(body) == saved
+  # hparams: the session start holds every scalar field of the config, dotted
+  hp = lambda tag: [HParamsPluginData.FromString(v.metadata.plugin_data.content) for _, v in plugin_values(events, tag)]
+  [start] = hp("_hparams_/session_start_info")
+  got = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.session_start_info.hparams.items()}
+  assert got["stage"] == "full" and got["steps"] == 30 and got["optim.lr"] == pytest.approx(3e-3)
+  assert got["task.class_weights"] is True and got["data.max_eval_examples"] == 0
+  assert "eval_splits" not in got and "config_history" not in got  # not scalars
+  flat = {}
+  def walk(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v, f"{prefix}{k}.")
+      elif isinstance(v, (bool, int, float, str)):
+        flat[prefix + k] = v
+  walk(saved)
+  assert got == {k: v if isinstance(v, (bool, str)) else pytest.approx(float(v)) for k, v in flat.items()}
+  # at the end: the experiment's metrics are the final evaluation's tags, whose scalars hold the final values
+  [experiment], [end] = hp("_hparams_/experiment"), hp("_hparams_/session_end_info")
+  assert end.session_end_info.status == Status.Value("STATUS_SUCCESS")
+  assert {h.name for h in experiment.experiment.hparam_infos} == set(flat)
+  tags = {m.name.tag for m in experiment.experiment.metric_infos}
+  final = {f"test/{k}": v for k, v in summary["final"]["test"].items()}
+  assert tags == set(final) and "test/accuracy" in tags
+  scalars = summaries(events, "simple_value")
+  for tag, value in final.items():
+    if value is not None:
+      assert scalars[(tag, 30)] == pytest.approx(value, rel=1e-6), tag

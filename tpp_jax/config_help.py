@@ -134,6 +134,9 @@ data.label_fraction  labelled stages train on this stratified fraction of the tr
 data.workers  training-input processes: 'auto' | '0' (in-process) | 'N'
 data.prefetch  batches the training iterator reads ahead (0 = none)
 data.cache  decoded images in memory: auto (a split that fits 2 GiB) | on | off
+data.window  (center, width) mapping DICOM / 16-bit / NIfTI values to 0..255; None = the file's window, else min..max
+data.slice_axis  seg_folder NIfTI volumes: the axis cut into 2-D slices (0, 1, 2; -1 = the last)
+data.skip_empty_slices  seg_folder NIfTI volumes: drop the slices whose mask has no foreground, in every split
 [optim] the optimizer: AdamW with a warm-up cosine learning-rate schedule
 optim.lr  peak learning rate (AdamW, linear warm-up then cosine decay)
 optim.weight_decay  AdamW decoupled weight decay, on matrices only (leaves with ndim >= 2)

@@ -41,7 +41,7 @@ from tpp_jax.checkpoints import load as load_lib
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.data import pipeline as data_pipeline
 from tpp_jax.jsonio import write_atomic
-from tpp_jax.logging_utils import MetricsLogger, progress
+from tpp_jax.logging_utils import MetricsLogger, final_line, progress
 from tpp_jax.objectives.base import LOWER_IS_BETTER
 
 ConfigError = config_lib.ConfigError
@@ -227,7 +227,9 @@ class Trainer:
     }
     if is_main:
       write_atomic(wd / "summary.json", json.dumps(summary, indent=2, default=_json_default))
-    logger.close()
+      if final:
+        print(final_line(final), flush=True)
+    logger.close(final)  # the hparams' metrics: the final evaluation
     return summary
 
   @property

@@ -6,10 +6,15 @@
            config that made them (any PEFT type). Start a run from it with --config.init.adapter=OUT (target
            params + task head) or --config.target_init=OUT (target params only).
   peft     OUT/adapter_model.safetensors + adapter_config.json (+ README.md) in Hugging Face peft's LoRA format,
-           for LoRA / DoRA / rsLoRA runs on a Hugging Face ViT backbone: PeftModel.from_pretrained(
-           ViTModel.from_pretrained(init.path folder), OUT). Also loads back as --config.target_init=OUT.
-  merged   OUT/model.safetensors + config.json: LoRA / DoRA / SSF folded into the backbone, a plain Hugging Face
-           ViTModel (ViTModel.from_pretrained(OUT)); the task head beside it (head.safetensors + head_config.json).
+           for LoRA / DoRA / rsLoRA runs on a Hugging Face ViT backbone. A classification run's adapter holds its
+           head as peft's modules_to_save=["classifier"] (+ preprocessor_config.json): PeftModel.from_pretrained(
+           ViTForImageClassification.from_pretrained(init.path folder, num_labels=K), OUT); other runs attach to
+           ViTModel.from_pretrained(init.path folder). Also loads back as --config.target_init=OUT.
+  merged   LoRA / DoRA / SSF folded into the backbone, a model transformers runs without tpp_jax or peft. A
+           classification run: OUT/model.safetensors + config.json + preprocessor_config.json of a
+           ViTForImageClassification (class-token pooling) whose labels are the run's classes and whose image
+           processor is the run's eval transform: transformers.pipeline("image-classification", model=OUT). A run
+           without a task head (tpp, pretrain): a plain ViTModel (ViTModel.from_pretrained(OUT)).
 
 OUT must be new or empty: nothing is ever overwritten or deleted. Errors print `error: ...` and exit 2.
 """
@@ -27,6 +32,8 @@ from tpp_jax import config as config_lib
 from tpp_jax.jsonio import read_json, write_atomic
 
 FORMATS = ("adapter", "peft", "merged")
+TASK_STAGES = ("finetune", "linear", "full")  # the stages that train a task head
+PROCESSOR_FILE = "preprocessor_config.json"  # transformers' image processor of a ViTForImageClassification
 LORA_TYPES = ("lora", "dora")
 UNMERGEABLE = ("adapter", "adaptformer", "vpt")
 
@@ -41,6 +48,19 @@ class ExportError(config_lib.ConfigError):
 
 def _has_target(config) -> bool:
   return config.stage in ("tpp", "finetune") and (config.peft.type != "none" or bool(config.train_extra))
+
+
+def _classifies(config) -> bool:
+  """A run with a classification head: exported as a transformers ViTForImageClassification."""
+  return config.stage in TASK_STAGES and config.task.type == "classification"
+
+
+def _check_classifier(config, fmt: str, what: str):
+  """ViTForImageClassification classifies the final-normed class token: a run pooling otherwise has no such model."""
+  if _classifies(config) and config.model.pooling != "cls":
+    raise ExportError(f"--format {fmt} writes a transformers ViTForImageClassification, which classifies the class "
+                      f"token, but {what} pools the patch tokens (model.pooling={config.model.pooling!r}); export it "
+                      "with --format adapter.")
 
 
 def check_format(config, fmt: str, run_dir) -> tuple[str | None, pathlib.Path | None]:
@@ -59,7 +79,7 @@ def check_format(config, fmt: str, run_dir) -> tuple[str | None, pathlib.Path | 
       extra = f" and train_extra={list(config.train_extra)}" if config.train_extra else ""
       raise ExportError(f"--format peft holds LoRA / DoRA / rsLoRA weights only, but {what}{extra} trained other "
                         "parameters; use --format adapter (any PEFT type, loads back into tpp_jax)"
-                        + ("" if ptype in UNMERGEABLE else " or --format merged (a Hugging Face ViTModel)") + ".")
+                        + ("" if ptype in UNMERGEABLE else " or --format merged (a Hugging Face model)") + ".")
     if hf_fmt not in ("hf_vit", "hf_vit_mae"):
       init = str(config.init.path or "")
       why = ("was trained from random init" if not init or config.init.format == "none" else
@@ -67,7 +87,8 @@ def check_format(config, fmt: str, run_dir) -> tuple[str | None, pathlib.Path | 
              f"init.path={init!r} is {'a ' + hf_fmt + ' checkpoint' if hf_fmt else 'not a Hugging Face checkpoint'}")
       raise ExportError(f"--format peft needs a backbone that came from a Hugging Face ViTModel / ViTMAE checkpoint "
                         f"(the base model peft attaches to), but {run_dir}'s backbone {why}; use --format adapter, "
-                        "or --format merged (a standalone Hugging Face ViTModel).")
+                        "or --format merged (a standalone Hugging Face model).")
+    _check_classifier(config, fmt, what)
   if fmt == "merged":
     if config.stage in ("tpp", "finetune") and config.peft.type in UNMERGEABLE:
       raise ExportError(f"--format merged cannot fold peft.type={config.peft.type!r} into a Hugging Face ViTModel "
@@ -76,6 +97,10 @@ def check_format(config, fmt: str, run_dir) -> tuple[str | None, pathlib.Path | 
     if config.model.get("layer_scale", False):
       raise ExportError("--format merged writes a Hugging Face ViTModel, which has no LayerScale (model.layer_scale,"
                         " a Dinov2 backbone); export it with --format adapter.")
+    if config.stage in TASK_STAGES and config.task.type != "classification":
+      raise ExportError(f"--format merged writes a model transformers runs, but {what} is a {config.task.type} run "
+                        "whose decoder has no transformers class; export it with --format adapter.")
+    _check_classifier(config, fmt, what)
   return hf_fmt, weights
 
 
@@ -125,11 +150,23 @@ def export_adapter(run, out: pathlib.Path) -> list[str]:
   return adapter_lib.write_adapter(out, {**target, **head, **aux}, meta)
 
 
+def _classifier(run) -> dict:
+  """ViTForImageClassification's classifier.* of a classification run's head, else {}."""
+  from tpp_jax.checkpoints import hf_export
+  if not _classifies(run.config) or "head" not in run.params:
+    return {}
+  try:
+    return hf_export.classifier_state_dict(run.params["head"], run.aux, run.config.task.head)
+  except ValueError as e:
+    raise ExportError(f"{e}; export it with --format adapter.") from None
+
+
 def export_peft(run, out: pathlib.Path, hf_fmt: str, weights: pathlib.Path) -> list[str]:
   from safetensors.numpy import save_file
 
   from tpp_jax import partition
   from tpp_jax.checkpoints import adapter as adapter_lib
+  from tpp_jax.checkpoints import hf_export
   target = partition.subtree(run.params, _labels(run.config, run.params), "target")
   try:
     tensors = adapter_lib.peft_state_dict(target.get("encoder", {}))
@@ -137,26 +174,62 @@ def export_peft(run, out: pathlib.Path, hf_fmt: str, weights: pathlib.Path) -> l
     raise ExportError(f"{e}; use --format adapter.") from None
   base = adapter_lib.hf_folder(str(run.config.init.path))
   base_class = "ViTMAEModel" if hf_fmt == "hf_vit_mae" else "ViTModel"
+  head = _classifier(run) if hf_fmt == "hf_vit" else {}
+  if _classifies(run.config) and not head:
+    print(f"note: a ViTMAE base model has no image-classification class in transformers, so the task head is not "
+          f"in {out}; --format merged writes a complete ViTForImageClassification.")
+  names = []
+  if head:  # the backbone is ViTForImageClassification.vit; the head is peft's modules_to_save "classifier"
+    from tpp_jax.predict import class_names
+    base_class, names = "ViTForImageClassification", class_names(run.config)
+    prefix = "base_model.model."
+    tensors = {prefix + "vit." + k[len(prefix):]: v for k, v in tensors.items()}
+    tensors.update({prefix + k: v for k, v in head.items()})
   cfg = adapter_lib.peft_config_json(run.encoder.peft, str(base), base_class)
+  if head:
+    cfg["modules_to_save"] = ["classifier"]
   _peft_notes(run, base)
   out.mkdir(parents=True, exist_ok=True)
   save_file(tensors, str(out / adapter_lib.PEFT_WEIGHTS), metadata={"format": "pt"})
   write_atomic(out / adapter_lib.CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
-  p = run.encoder.peft
-  write_atomic(out / "README.md",
-      f"# {p.type.upper()}{' (rsLoRA)' if p.rslora else ''} adapter exported by tpp_jax\n\n"
-      f"Base model: `{base}` ({base_class}). Trained by the `{run.config.stage}` run `{run.run_dir}` "
-      f"(step {run.step}, {run.checkpoint} checkpoint); r={p.rank}, alpha={p.alpha}, targets={list(p.targets)}.\n\n"
-      "```python\nimport torch, transformers, peft\n"
+  files = [adapter_lib.PEFT_WEIGHTS, adapter_lib.CONFIG_FILE]
+  if head:
+    proc = hf_export.image_processor_json(run.config.data, run.encoder.cfg.channels)  # the base's channels
+    write_atomic(out / PROCESSOR_FILE, json.dumps(proc, indent=2) + "\n")
+    files.append(PROCESSOR_FILE)
+  write_atomic(out / "README.md", _peft_readme(run, out, base, base_class, names))
+  return files + ["README.md"]
+
+
+def _peft_readme(run, out: pathlib.Path, base: pathlib.Path, base_class: str, names: list[str]) -> str:
+  p, c = run.encoder.peft, run.config
+  size, out_s = run.encoder.cfg.image_size, str(out.absolute())
+  text = (f"# {p.type.upper()}{' (rsLoRA)' if p.rslora else ''} adapter exported by tpp_jax\n\n"
+          f"Base model: `{base}`, loaded as transformers.{base_class}. Trained by the `{c.stage}` run "
+          f"`{run.run_dir}` (step {run.step}, {run.checkpoint} checkpoint); r={p.rank}, alpha={p.alpha}, "
+          f"targets={list(p.targets)}.\n\n"
+          "```python\nimport torch, transformers, peft\n")
+  if base_class == "ViTForImageClassification":
+    labels = {i: n for i, n in enumerate(names)}
+    return text + (
+        f"base = transformers.ViTForImageClassification.from_pretrained({str(base)!r}, num_labels={len(names)},\n"
+        f"    id2label={labels!r}, label2id={ {n: i for i, n in labels.items()}!r})\n"
+        f"model = peft.PeftModel.from_pretrained(base, {out_s!r}).eval()\n"
+        f"processor = transformers.AutoImageProcessor.from_pretrained({out_s!r})  # the run's eval transform\n"
+        'probs = model(**processor(images=[image], return_tensors="pt")).logits.softmax(-1)  # image: a PIL image\n'
+        "```\n\n"
+        "The task head is peft's `modules_to_save=[\"classifier\"]` (trained by tpp_jax, not initialised by peft); "
+        "`model.merge_and_unload()` gives the plain ViTForImageClassification that `--format merged` writes, which "
+        '`transformers.pipeline("image-classification", model=...)` runs.\n')
+  head = ("" if c.stage not in TASK_STAGES else
+          f"\nThe {c.task.type} head is not part of this peft adapter: export the run with `--format adapter` "
+          "(tpp_jax) for it.\n")
+  return text + (
       f"base = transformers.{base_class}.from_pretrained({str(base)!r})\n"
-      f"model = peft.PeftModel.from_pretrained(base, {str(out.absolute())!r}).eval()\n"
-      f"images = torch.randn(2, {run.encoder.cfg.channels}, {run.encoder.cfg.image_size}, "
-      f"{run.encoder.cfg.image_size})  # normalised with data.mean/std = {list(run.config.data.mean)}/"
-      f"{list(run.config.data.std)}\n"
-      "tokens = model(pixel_values=images).last_hidden_state\n```\n\n"
-      "The task head is not part of the peft format: export the run with `--format adapter` or `--format merged` "
-      "for it.\n")
-  return [adapter_lib.PEFT_WEIGHTS, adapter_lib.CONFIG_FILE, "README.md"]
+      f"model = peft.PeftModel.from_pretrained(base, {out_s!r}).eval()\n"
+      f"images = torch.randn(2, {run.encoder.cfg.channels}, {size}, {size})  # normalised with data.mean/std = "
+      f"{list(c.data.mean)}/{list(c.data.std)}\n"
+      "tokens = model(pixel_values=images).last_hidden_state\n```\n" + head)
 
 
 def _peft_notes(run, base: pathlib.Path):
@@ -184,27 +257,26 @@ def export_merged(run, out: pathlib.Path, hf_fmt: str | None, weights: pathlib.P
     sd = hf_export.vit_state_dict(merge(run.params["encoder"], run.encoder.peft))
   except ValueError as e:
     raise ExportError(f"--format merged: {e}; export it with --format adapter.") from None
+  head = _classifier(run)
   base_cfg = {}
   if hf_fmt in ("hf_vit", "hf_vit_mae") and weights is not None:
-    sd.update(_pooler(weights, run.encoder.cfg.width))
+    if not head:  # ViTForImageClassification has no pooler
+      sd.update(_pooler(weights, run.encoder.cfg.width))
     cfg_file = weights.parent / "config.json"
     base_cfg = read_json(cfg_file, require_object=True) if cfg_file.is_file() else {}
+  if head:
+    from tpp_jax.predict import class_names
+    sd = hf_export.grey_to_rgb_patch_embed({**sd, **head})
+    cfg = hf_export.classifier_config_json(run.encoder.cfg, class_names(run.config), base_cfg)
+  else:
+    cfg = hf_export.vit_config_json(run.encoder.cfg, base_cfg)
   out.mkdir(parents=True, exist_ok=True)
   save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-  write_atomic(out / "config.json", json.dumps(hf_export.vit_config_json(run.encoder.cfg, base_cfg), indent=2) + "\n")
-  files = ["model.safetensors", "config.json"]
-  head, aux = _head_leaves(run)
-  if head:
-    save_file({k: np.ascontiguousarray(v) for k, v in {**head, **aux}.items()}, str(out / "head.safetensors"))
-    t, vit = run.config.task, run.encoder.cfg
-    pool = "last_hidden_state[:, 0]" if vit.pooling == "cls" else "last_hidden_state[:, 1:].mean(1)"
-    usage = (f"logits = ({pool}) @ head/fc/kernel + head/fc/bias" if t.type == "classification" and t.head == "linear"
-             else "apply with tpp_jax (models/heads.py) on the encoder outputs")
-    info = {**_provenance(run), "head": sorted(head), "aux": sorted(aux), "pooling": vit.pooling,
-            "num_classes": int(t.num_classes), "usage": usage}
-    write_atomic(out / "head_config.json", json.dumps(info, indent=2, default=str) + "\n")
-    files += ["head.safetensors", "head_config.json"]
-  return files
+  write_atomic(out / "config.json", json.dumps(cfg, indent=2) + "\n")
+  if not head:
+    return ["model.safetensors", "config.json"]
+  write_atomic(out / PROCESSOR_FILE, json.dumps(hf_export.image_processor_json(run.config.data), indent=2) + "\n")
+  return ["model.safetensors", "config.json", PROCESSOR_FILE]
 
 
 def _pooler(weights: pathlib.Path, width: int) -> dict:

@@ -1,4 +1,8 @@
-"""metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow) and progress bars."""
+"""metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow), the final-metrics line and progress bars.
+
+TensorBoard of a run (workdir/tb): the scalars, the report's images, the run's config.json as text (tag `config`)
+and its scalar fields as hparams (session start at the run's start; the final evaluation's tags as the hparams
+metrics, and a session end, when it finishes)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +28,28 @@ def summary_writer_class():
   return SummaryWriter
 
 
+def flat_scalars(tree, prefix: str = "") -> dict:
+  """{'a.b': value} of the bool / int / float / str leaves of nested dicts (hparams hold scalars only)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat_scalars(v, f"{prefix}{k}."))
+    elif isinstance(v, (bool, int, float, str)):
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def final_metrics(final: dict) -> dict:
+  """{'SPLIT/METRIC': value} of a run's final evaluation ({split: {metric: value}}), numbers only."""
+  return {f"{split}/{k}": float(v) for split, res in final.items() for k, v in res.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def final_line(final: dict) -> str:
+  """The one line a run prints at its end: 'Final: val/auc 0.9123, test/accuracy 0.875'."""
+  return "Final: " + ", ".join(f"{k} {v:.4g}" for k, v in final_metrics(final).items())
+
+
 class MetricsLogger:
   """Appends `{"step", "stage", "split", ...}` lines to metrics.jsonl and mirrors scalars to TensorBoard."""
 
@@ -38,6 +64,19 @@ class MetricsLogger:
         self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=purge_step)
       except ImportError:  # optional
         self.tb = None
+    self.hparams = None
+    self._log_config(pathlib.Path(workdir) / "config.json", (purge_step or 1) - 1)
+
+  def _log_config(self, cfg_file: pathlib.Path, step: int):
+    """The run's config.json (written before the logger starts) as text and as the hparams' session start."""
+    if self.tb is None or not cfg_file.is_file():
+      return
+    text = cfg_file.read_text()
+    self.tb.add_text("config", "    " + text.strip().replace("\n", "\n    "), step)  # indented: a markdown code block
+    self.hparams = flat_scalars(json.loads(text))  # config_history, a list, is left out
+    from tensorboardX.summary import hparams
+    _, start, _ = hparams(self.hparams, {})
+    self.tb._get_file_writer().add_summary(start, step)  # in this run's event file (add_hparams makes another run)
 
   def log(self, step: int, split: str, values: dict, **extra):
     if not self.enabled:
@@ -71,8 +110,16 @@ class MetricsLogger:
       self.tb.add_image(f"{split}/{kind}", image, int(step), dataformats="HWC")
     self.tb.flush()
 
-  def close(self):
+  def close(self, final: dict | None = None):
+    """`final`: the run's final evaluation ({split: {metric: value}}), logged before; it ends the hparams session,
+    with those tags as its metrics (TensorBoard reads their values from the scalars)."""
     if self.tb is not None:
+      if final and self.hparams is not None:
+        from tensorboardX.summary import hparams
+        experiment, _, end = hparams(self.hparams, final_metrics(final))
+        writer = self.tb._get_file_writer()
+        writer.add_summary(experiment)
+        writer.add_summary(end)
       self.tb.close()
 
 

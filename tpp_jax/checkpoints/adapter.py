@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tpp_jax import config as config_lib
+from tpp_jax.checkpoints import hub
 from tpp_jax.checkpoints.hf_export import flatten
 from tpp_jax.jsonio import read_json, write_atomic
 from tpp_jax.tree import unflatten
@@ -128,8 +129,11 @@ def peft_config_json(peft_cfg, base_model: str, base_class: str = "ViTModel") ->
 # ------------------------------------------------------------------------------------------------
 
 def hf_weights(init_path: str) -> pathlib.Path | None:
-  """The weights file of init.path when it is a Hugging Face file or model folder (else None)."""
-  p = pathlib.Path(str(init_path)).expanduser()
+  """The weights file of init.path when it is a Hugging Face file, model folder or Hub id (else None)."""
+  try:
+    p = hub.local_path(str(init_path))
+  except (FileNotFoundError, ValueError):  # a Hub id not reachable now: like a local file deleted since
+    return None
   if p.is_dir():
     return next((p / n for n in HF_WEIGHTS if (p / n).is_file()), None)
   return p if p.is_file() else None
@@ -167,7 +171,7 @@ def hf_format(init_path: str, init_format: str = "auto") -> tuple[str | None, pa
 
 def hf_folder(init_path: str) -> pathlib.Path:
   """The folder `from_pretrained` takes for a Hugging Face init.path (the file's folder for a file)."""
-  p = pathlib.Path(str(init_path)).expanduser().absolute()
+  p = hub.local_path(str(init_path)).absolute()
   return p if p.is_dir() else p.parent
 
 
@@ -324,6 +328,8 @@ def _check_hf_base(config, base: str | None, where: str):
     print(f"note: {where} does not name its base model; assuming init.path={mine!r}.", flush=True)
     return
   p = pathlib.Path(base).expanduser()
+  if hub.is_hub_id(mine) and hub.parse(mine)[0] == base:  # peft names a Hub base model by its repo id
+    return
   if not p.exists():
     print(f"note: {where} was made for base model {base!r} (not a local path); assuming it is init.path={mine!r}.",
           flush=True)

@@ -8,6 +8,8 @@ init.path may be:
                           .npz (big_vision); converted by checkpoints/convert.py
   a Hugging Face folder   what `save_pretrained` writes (model.safetensors or pytorch_model.bin, also sharded
                           with an index file; config.json is checked against model.heads / model.ln_eps)
+  a Hub id                hf://ORG/NAME[@REVISION] or timm://NAME: that repo's folder in the Hugging Face
+                          cache (checkpoints/hub.py), then read as a folder (timm repos: timm names)
   tpp_jax weights         a flat safetensors file with 'encoder/...' names or a `pretrain` workdir
 
 Only an MAE pretext of a stage whose stages.STAGES entry has loads_decoder (pretrain / tpp) uses a decoder: a
@@ -26,6 +28,7 @@ import numpy as np
 from tpp_jax import config as config_lib
 from tpp_jax import stages as stages_lib
 from tpp_jax import tree as tree_lib
+from tpp_jax.checkpoints import hub
 from tpp_jax.checkpoints import store as store_lib
 from tpp_jax.jsonio import read_json
 from tpp_jax.models.peft import reset_dora_magnitudes
@@ -117,11 +120,11 @@ def load_backbone(config, encoder) -> tuple[dict | None, dict | None, str]:
   path, fmt = str(config.init.path or ""), config.init.format
   if not path or fmt == "none":
     return None, None, "random init"
-  p = pathlib.Path(path).expanduser()
+  p = hub.local_path(path)
   if not p.exists():
     raise FileNotFoundError(f"init.path={path!r} does not exist; point it at a .pth/.safetensors/.npz checkpoint, "
-                            "a Hugging Face model folder or a tpp_jax `pretrain` workdir, or set "
-                            "--config.init.path='' for random init.")
+                            "a Hugging Face model folder, a Hub id (hf://ORG/NAME, timm://NAME) or a tpp_jax "
+                            "`pretrain` workdir, or set --config.init.path='' for random init.")
   want = wants_decoder(config) and bool(config.init.load_decoder)
   weights = hf_weights_file(p) if p.is_dir() and fmt != "tpp" else None
   if p.is_dir() and weights is None and fmt != "tpp" and not (p / "checkpoints").is_dir():
@@ -142,7 +145,7 @@ def load_backbone(config, encoder) -> tuple[dict | None, dict | None, str]:
   fmt = convert.detect_format(sd) if fmt == "auto" else fmt
   enc, dec = convert.convert(sd, encoder.cfg, fmt, want_decoder=None if want else False,
                              source=f"init.path {weights}")
-  return enc, dec, f"{fmt} checkpoint {weights}"
+  return enc, dec, f"{fmt} checkpoint {weights}" + (f" ({path})" if hub.is_hub_id(path) else "")
 
 
 def load_decoder(config, template: dict, loaded: dict) -> dict:

@@ -11,6 +11,8 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
+from tpp_jax.data import medical
+
 SOURCES = ("npz", "seg_folder", "class_folder", "tfds", "jpeg_npz")
 CACHE_MODES = ("auto", "on", "off")
 CACHE_BUDGET = 2 << 30  # bytes of decoded images per split that 'auto' caches
@@ -64,6 +66,10 @@ def defaults() -> dict:
     workers="0",               # training-input processes (grain multiprocessing): "auto" | "0" (in-process) | "N"
     prefetch=2,                # batches the training iterator reads ahead (0 = none)
     cache="auto",              # decoded images in memory: "auto" (split fits 2 GiB) | "on" | "off"
+    window=None,               # (center, width) mapping raw DICOM / 16-bit / NIfTI values to 0..255; None = the
+                               # DICOM file's own window, else min..max (tpp_jax.data.medical)
+    slice_axis=-1,             # seg_folder NIfTI volumes: the axis cut into 2-D slices
+    skip_empty_slices=False,   # seg_folder NIfTI volumes: drop slices whose mask has no foreground (every split)
   )
 
 
@@ -107,6 +113,9 @@ class DataConfig:
   max_eval_examples: int
   prefetch: int
   cache: str
+  window: tuple[float, float] | None = None
+  slice_axis: int = -1
+  skip_empty_slices: bool = False
 
 
 def _per_channel(value: Any, channels: int, field: str) -> tuple[float, ...]:
@@ -236,4 +245,13 @@ def resolve(data_cfg: Any) -> DataConfig:
       val_count=int(get("val_count")),
       max_train_examples=int(get("max_train_examples")),
       max_eval_examples=int(get("max_eval_examples")),
-      prefetch=prefetch, cache=check_cache(get("cache")))
+      prefetch=prefetch, cache=check_cache(get("cache")),
+      window=medical.check_window(get("window", keep_none=True)), slice_axis=_slice_axis(get("slice_axis")),
+      skip_empty_slices=bool(get("skip_empty_slices")))
+
+
+def _slice_axis(value: Any) -> int:
+  axis = int(value)
+  if not -3 <= axis < 3:
+    raise ValueError(f"data.slice_axis={value} is out of range for 3-D volumes; use 0, 1 or 2 (or -1, the last).")
+  return axis

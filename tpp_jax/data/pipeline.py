@@ -420,8 +420,8 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
       found = {r.get("split") for r in csv.DictReader(f)}
     splits = [s for s in ("train", "val", "test") if s in found] + sorted(
         s for s in found if s and s not in ("train", "val", "test"))
-    return {s: sources_lib.SegFolderSource(root, s, num_classes=num_classes,
-                                           cache=cache(s))
+    return {s: sources_lib.SegFolderSource(root, s, num_classes=num_classes, cache=cache(s), window=cfg.window,
+                                           slice_axis=cfg.slice_axis, skip_empty_slices=cfg.skip_empty_slices)
             for s in splits}
   if kind == "class_folder":
     root = sources_lib.check_path(
@@ -429,8 +429,7 @@ def build_sources(data_cfg: Any, num_classes: int | None = None
     found = sorted(d.name for d in root.iterdir()
                    if d.is_dir() and not d.name.startswith("."))
     mapping = {("val" if s == "validation" else s): s for s in found}
-    return {k: sources_lib.ClassFolderSource(root, s, num_classes=num_classes,
-                                             cache=cache(k))
+    return {k: sources_lib.ClassFolderSource(root, s, num_classes=num_classes, cache=cache(k), window=cfg.window)
             for k, s in mapping.items()}
   if kind == "tfds":
     return {k: sources_lib.TfdsSource(

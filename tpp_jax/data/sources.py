@@ -32,14 +32,21 @@ from typing import Sequence
 import numpy as np
 
 from tpp_jax.data import config as config_lib
-from tpp_jax.data.decode import _as_uint8, _binarise_or_keep, _decode_image, _open_image
+from tpp_jax.data import medical
+from tpp_jax.data.decode import (
+  IMAGE_EXTENSIONS,
+  _as_uint8,
+  _binarise_or_keep,
+  _open_image,
+  image_size,
+  is_image_file,
+  read_image,
+)
 from tpp_jax.data.files import NPZ_FIX, _stored_npy, check_path, open_npz, read_npz_member
 from tpp_jax.data.image_store import ImageStore, _Column, _image_store, _threads
 from tpp_jax.data.jpeg_npz_source import JpegNpzSource
 from tpp_jax.data.source_base import CLASSIFICATION, SEGMENTATION, _Base, _check_labels, source_labels
 from tpp_jax.data.tfds_source import TfdsSource
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 __all__ = [
     "NpzSource", "SegFolderSource", "ClassFolderSource", "TfdsSource",
@@ -194,8 +201,11 @@ class SegFolderSource(_Base):
   Paths in the csv are relative to ``root`` and must resolve inside it (an
   absolute path, ``..`` or a symlink out of ``root`` is refused). Masks with
   values {0, 255} are binarised (``> 127 -> 1``); other masks are kept as class
-  indices. With ``cache`` on (see ``ImageStore``) every pair is decoded once at
-  construction; off, each read decodes with PIL.
+  indices. A row may pair two NIfTI volumes (``.nii`` / ``.nii.gz``): it gives
+  one item per slice along ``slice_axis`` (all in that row's split, so no
+  volume is split across train and test); ``skip_empty_slices`` drops the
+  slices whose mask has no foreground. With ``cache`` on (see ``ImageStore``)
+  every pair is decoded once at construction; off, each read decodes.
   """
 
   task = SEGMENTATION
@@ -203,7 +213,9 @@ class SegFolderSource(_Base):
   def __init__(self, root: os.PathLike | str, split: str,
                num_classes: int | None = None,
                class_names: Sequence[str] | None = None,
-               cache: str = "auto", field: str = "data.path"):
+               cache: str = "auto", field: str = "data.path",
+               window: Sequence[float] | None = None, slice_axis: int = -1,
+               skip_empty_slices: bool = False):
     config_lib.check_cache(cache)
     root = check_path(root, field,
                          "a folder with images/, masks/ and split.csv")
@@ -229,24 +241,26 @@ class SegFolderSource(_Base):
     if not rows:
       raise ValueError(f"{csv_path}: no rows with split={split!r} "
                        f"(splits present: {splits}).")
-    self.root, self.split = root, split
-    self.image_paths = [root / r["image"] for r in rows]
-    self.mask_paths = [root / r["mask"] for r in rows]
-    for ip, mp in zip(self.image_paths, self.mask_paths):
+    self.root, self.split, self.window = root, split, window
+    self.volumes = medical.VolumeReader(window, slice_axis)
+    self.image_paths, self.mask_paths, self.slices = [], [], []
+    for r in rows:
+      ip, mp = root / r["image"], root / r["mask"]
       for q in (ip, mp):
         if not q.is_file():
           raise FileNotFoundError(f"{csv_path}: listed file {q} does not exist;"
                                   " fix split.csv or add the file.")
-      with _open_image(ip, fix=_SEG_FIX, load=False) as im, _open_image(
-          mp, "mask", _SEG_FIX, load=False) as mk:  # headers only
-        if im.size != mk.size:
-          raise ValueError(
-              f"mask {mp} is {mk.size[0]}x{mk.size[1]} (WxH) but its image {ip}"
-              f" is {im.size[0]}x{im.size[1]}; every mask must have the size "
-              "of its image.")
-        if mk.mode not in ("L", "P", "1", "I", "I;16", "LA", "RGB", "RGBA"):
-          raise ValueError(f"mask {mp}: unsupported mode {mk.mode!r}; save "
-                           "masks as single-channel 8-bit PNG.")
+      if medical.is_nifti(ip) or medical.is_nifti(mp):
+        kept = self._volume_slices(ip, mp, slice_axis, skip_empty_slices)
+      else:
+        _check_pair_sizes(ip, mp)
+        kept = [None]
+      self.image_paths += [ip] * len(kept)
+      self.mask_paths += [mp] * len(kept)
+      self.slices += kept
+    if not self.image_paths:
+      raise ValueError(f"{csv_path}: every slice of the {split!r} volumes has an empty mask and "
+                       "data.skip_empty_slices=True drops them all; set it False or add volumes.")
     self.num_classes = num_classes if num_classes is not None else 2
     if class_names:
       self.class_names = tuple(class_names)
@@ -256,6 +270,21 @@ class SegFolderSource(_Base):
     if self._store is None:  # not decoded up front: still check every mask now
       self._check_masks()
 
+  def _volume_slices(self, ip: pathlib.Path, mp: pathlib.Path, slice_axis: int,
+                     skip_empty: bool) -> list[int]:
+    """The slice indices of one image / mask volume pair (checked: both NIfTI, 3-D, one shape)."""
+    if not (medical.is_nifti(ip) and medical.is_nifti(mp)):
+      raise ValueError(f"{ip} and its mask {mp}: a NIfTI volume pairs with a NIfTI mask volume only; convert "
+                       "both to .nii.gz (or both to 2-D images).")
+    shape = medical.volume_shape(ip, slice_axis)
+    mask_shape = medical.volume_shape(mp, slice_axis, "NIfTI mask")
+    if shape != mask_shape:
+      raise ValueError(f"NIfTI mask {mp} has shape {mask_shape} but its image {ip} has shape {shape}; every mask "
+                       "volume must have the shape of its image volume.")
+    if skip_empty:
+      return [int(k) for k in self.volumes.foreground_slices(mp)]
+    return list(range(shape[slice_axis]))
+
   def __len__(self) -> int:
     return len(self.image_paths)
 
@@ -263,14 +292,18 @@ class SegFolderSource(_Base):
     """Decodes every mask once (not kept): a class id >= num_classes or an
     unreadable mask raises here, before any training step."""
     with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:
-      for _ in pool.map(self._load_mask, self.mask_paths):
+      for _ in pool.map(self._load_mask, range(len(self))):
         pass
 
-  def _load_mask(self, path: pathlib.Path) -> np.ndarray:
-    with _open_image(path, "mask", _SEG_FIX) as mk:
-      if mk.mode in ("RGB", "RGBA", "LA"):
-        mk = mk.convert("L")
-      mask = np.asarray(mk)
+  def _load_mask(self, index: int) -> np.ndarray:
+    path, k = self.mask_paths[index], self.slices[index]
+    if k is not None:
+      mask, path = self.volumes.mask(path, k), f"{path} (slice {k})"
+    else:
+      with _open_image(path, "mask", _SEG_FIX) as mk:
+        if mk.mode in ("RGB", "RGBA", "LA"):
+          mk = mk.convert("L")
+        mask = np.asarray(mk)
     if mask.ndim != 2:
       raise ValueError(f"mask {path}: expected a single-channel mask, got shape"
                        f" {mask.shape}.")
@@ -286,8 +319,10 @@ class SegFolderSource(_Base):
     return mask
 
   def _decode(self, index: int) -> dict[str, np.ndarray]:
-    rec = {"image": _decode_image(self.image_paths[index], _SEG_FIX),
-           "mask": self._load_mask(self.mask_paths[index])}
+    k = self.slices[index]
+    image = (read_image(self.image_paths[index], self.window, _SEG_FIX) if k is None
+             else self.volumes.image(self.image_paths[index], k))
+    rec = {"image": image, "mask": self._load_mask(index)}
     if rec["image"].shape[:2] != rec["mask"].shape:
       raise ValueError(f'mask {self.mask_paths[index]} has shape '
                        f'{rec["mask"].shape}, image {self.image_paths[index]} '
@@ -301,11 +336,25 @@ class SegFolderSource(_Base):
     return self._decode(index)
 
 
+def _check_pair_sizes(ip: pathlib.Path, mp: pathlib.Path) -> None:
+  """A 2-D image and its mask: one size (headers only), a mask mode we read."""
+  width, height = image_size(ip, _SEG_FIX)
+  with _open_image(mp, "mask", _SEG_FIX, load=False) as mk:
+    if (width, height) != mk.size:
+      raise ValueError(
+          f"mask {mp} is {mk.size[0]}x{mk.size[1]} (WxH) but its image {ip}"
+          f" is {width}x{height}; every mask must have the size "
+          "of its image.")
+    if mk.mode not in ("L", "P", "1", "I", "I;16", "LA", "RGB", "RGBA"):
+      raise ValueError(f"mask {mp}: unsupported mode {mk.mode!r}; save "
+                       "masks as single-channel 8-bit PNG.")
+
+
 # ----------------------------------------------------------------------------
 # root/split/class_name/*.png folders.
 # ----------------------------------------------------------------------------
 class ClassFolderSource(_Base):
-  """Classification images in ``root/split/class_name/*.{png,jpg,jpeg}``.
+  """Classification images in ``root/split/class_name/*`` (PNG / JPEG / BMP / TIFF of any depth, DICOM).
 
   Class index = position in the sorted class names, taken over the union of
   the class folders of every split folder under ``root`` (so a split missing
@@ -317,8 +366,10 @@ class ClassFolderSource(_Base):
   def __init__(self, root: os.PathLike | str, split: str,
                num_classes: int | None = None,
                class_names: Sequence[str] | None = None,
-               cache: str = "auto", field: str = "data.path"):
+               cache: str = "auto", field: str = "data.path",
+               window: Sequence[float] | None = None):
     config_lib.check_cache(cache)
+    self.window = window
     root = check_path(root, field, "a folder laid out as "
                          "root/<split>/<class_name>/*.png")
     split_dir = root / split
@@ -351,13 +402,12 @@ class ClassFolderSource(_Base):
       d = split_dir / name
       if not d.is_dir():
         continue
-      files = sorted(f for f in d.iterdir()
-                     if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+      files = sorted(f for f in d.iterdir() if not f.name.startswith(".") and is_image_file(f))
       paths.extend(files)
       labels.extend([c] * len(files))
     if not paths:
       raise ValueError(f'{split_dir}: no {"/".join(IMAGE_EXTENSIONS)} images '
-                       'in its class folders.')
+                       '(or extensionless DICOM files) in its class folders.')
     self.paths = paths
     self.labels = np.asarray(labels, np.int32)
     self._store = _image_store(cache, len(paths), self._decode)
@@ -366,7 +416,7 @@ class ClassFolderSource(_Base):
     return len(self.paths)
 
   def _decode(self, index: int) -> dict[str, np.ndarray]:
-    return {"image": _decode_image(self.paths[index])}
+    return {"image": read_image(self.paths[index], self.window)}
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = self._index(index)
