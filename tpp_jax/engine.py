@@ -90,7 +90,7 @@ class Trainer:
     config = self.config
     rng = jax.random.key(int(config.seed))
     self.base_rng = jax.random.fold_in(rng, 1)
-    params, aux = self.built.init_fn(rng)
+    params, aux = jax.jit(self.built.init_fn)(rng)  # one compiled program, not op by op
     params, aux, self.init_source, self.target_init = load_lib.load_init(config, self.encoder, params, aux,
                                                                           self.labels)
     params, aux = storage_dtypes(config, params, aux, self.labels)

@@ -155,7 +155,8 @@ def test_notebook_content():
   assert 'pip install -q -U "jax[tpu]"' in code
   assert "REPO_URL =" in code and "git clone" in code and "pip install -q -e ." in code
   assert "jax.devices()" in code
-  assert "--config.model.dtype=bfloat16" in code
+  assert "--config.model.dtype={MAE_B16_DTYPE}" in code  # bf16 only on an accelerator
+  assert 'MAE_B16_DTYPE = "float32" if JAX_BACKEND == "cpu" else "bfloat16"' in code
   assert "report.md" in code and "learning_curves.png" in code and "Markdown(" in code and "Image(" in code
   assert "configs/house_backbone.py:epochs=100" in code and "tpp_jax.export_backbone" in code
   assert "drive.mount" in code

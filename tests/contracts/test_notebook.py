@@ -1,14 +1,33 @@
-"""launch/colab_tpu.ipynb runs top to bottom in TINY mode on CPU, so a broken notebook fails CI.
+"""launch/colab_tpu.ipynb runs top to bottom in TINY mode on CPU, its own install path included, so a broken notebook
+fails CI.
 
 No Jupyter here: the code cells run in order in one namespace, as a kernel would, after a small documented
 translation of IPython's syntax:
-  `!CMD`           -> a bash subprocess, `{expr}` expanded in the notebook namespace (as IPython does), `python` =
-                      this interpreter; unlike IPython a non-zero exit FAILS the test (a silently broken command).
-  `%cd DIR`        -> os.chdir (restored afterwards); any other `%magic` fails the test if it is reached.
+  `!CMD`           -> a bash subprocess, `{expr}` expanded in the notebook namespace (as IPython does); unlike
+                      IPython a non-zero exit FAILS the test (a silently broken command). One exception: the
+                      accelerator's `pip install -q -U "jax[tpu|cudaNN]"` (only reached when the machine has a TPU
+                      or GPU) is recorded, not run: it needs the network, and the runs below use CPU JAX anyway.
+  `%cd DIR`        -> os.chdir (restored afterwards), recorded as a command; any other `%magic` fails the test.
   IPython.display  -> a stub that records what would be displayed (images must exist on disk).
-The notebook runs from the repository root ("using the checkout": no clone, no pip), with the settings cell
-then overridden: TINY=True, RUNS=a temporary folder. XLA_FLAGS is dropped so the runs see one CPU device, like a
-CPU runtime. The optional cells stay off (their switches default to False; this is checked).
+
+The kernel is a throw-away virtual environment without tpp_jax: sys.executable, and `python` / `pip` on PATH, are
+its interpreter (`pip` = `python -m pip`). Its dependencies are this environment's site-packages less tpp_jax, added
+after its own site-packages by a .pth file (`venv --system-site-packages` would add the BASE interpreter's packages,
+not this venv's). PIP_NO_INDEX=1 and PIP_NO_BUILD_ISOLATION=0 (pip's inverted spelling of --no-build-isolation:
+an isolated build would download setuptools) let the notebook's unchanged `pip install -q -e .` run offline and
+install only tpp_jax, editable, from the clone.
+
+The notebook starts in a folder that is not a checkout (Colab's /content), with the settings cell then overridden:
+TINY=True, REPO_URL=this repository's file:// URL, REPO_REF=its HEAD commit, REPO_DIR=a temporary folder. So its
+own cells `git clone` + `git checkout` + `%cd` + `pip install -e .`, and the demo's `python -m tpp_jax.main` runs
+the clone's package, as on Colab. A clone holds the COMMITTED state (HEAD): the package under test is HEAD's, while
+the cells run are those of the notebook file in the working tree, as a user opens a notebook and gets the package
+from git. In CI (a clean checkout) both are the same commit; while you develop, an uncommitted notebook edit is
+tested but an uncommitted package edit is not (the other tests cover the working tree). Not a git checkout (an
+unpacked sdist): skipped. XLA_FLAGS is dropped so the runs see one CPU device, like a CPU runtime. The optional
+cells stay off (their switches default to False; this is checked). Rerunning the cells up to the install cell then
+takes the "using the checkout" branch (the kernel's folder is now the clone) and installs nothing. One clone, venv
+and run for the module: ~10 s of CPU more than the bare TINY run (clone ~1 s, pip ~4 s, pip show and probes).
 """
 from __future__ import annotations
 
@@ -18,12 +37,16 @@ import pathlib
 import re
 import subprocess
 import sys
+import sysconfig
 import time
 import types
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "launch" / "colab_tpu.ipynb"
 MAGIC_RE = re.compile(r"^(\s*)([!%])(.*)$")
+ACCELERATOR_JAX_RE = re.compile(r'pip install -q -U "jax\[(tpu|cuda\d+)\]"')
 
 
 def _code_cells() -> list[str]:
@@ -70,31 +93,34 @@ class _Display:
     return mod
 
 
-def run_notebook(overrides: dict, monkeypatch) -> tuple[dict, list[str], _Display]:
-  """Execute the code cells in order; `overrides` are applied right after the first (settings) cell."""
+def run_notebook(overrides: dict, monkeypatch, upto: int | None = None) -> tuple[dict, list[str], _Display]:
+  """Execute the first `upto` code cells (all by default) in order in the current environment and folder;
+  `overrides` are applied right after the first (settings) cell."""
   shown = _Display()
   ipython = types.ModuleType("IPython")
   ipython.display = shown.module()
   monkeypatch.setitem(sys.modules, "IPython", ipython)
   monkeypatch.setitem(sys.modules, "IPython.display", ipython.display)
-  env = dict(os.environ, PATH=str(pathlib.Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
   commands: list[str] = []
   ns: dict = {"__name__": "__main__"}
 
   def shell(cmd):
     cmd = _expand(cmd, ns)
     commands.append(cmd)
-    r = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=600)
+    if ACCELERATOR_JAX_RE.fullmatch(cmd):
+      return
+    r = subprocess.run(["bash", "-c", cmd], env=dict(os.environ), capture_output=True, text=True, timeout=600)
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.returncode == 0, f"!{cmd}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
 
   def magic(name, args):
     if name != "cd":
       raise NotImplementedError(f"%{name} reached in the notebook test")
+    commands.append(f"%cd {_expand(args, ns)}")
     os.chdir(_expand(args, ns))
 
   ns.update(_nb_shell=shell, _nb_magic=magic)
-  for i, src in enumerate(_code_cells()):
+  for i, src in enumerate(_code_cells()[:upto]):
     exec(compile(to_python(src), f"{NOTEBOOK.name}[code cell {i}]", "exec"), ns)  # noqa: S102
     if i == 0:
       ns["_settings"] = {k: ns[k] for k in overrides}
@@ -102,11 +128,70 @@ def run_notebook(overrides: dict, monkeypatch) -> tuple[dict, list[str], _Displa
   return ns, commands, shown
 
 
+def _throwaway_venv(path: pathlib.Path) -> pathlib.Path:
+  """A venv without tpp_jax on top of this environment's packages; returns its python."""
+  path = path.resolve()
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+  python = path / "bin" / "python"
+  site = pathlib.Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     check=True, capture_output=True, text=True).stdout.strip())
+  deps = path / "deps"  # this environment's site-packages, less tpp_jax (its dist-info, editable finder and .pth)
+  deps.mkdir()
+  for folder in {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}:
+    for entry in pathlib.Path(folder).iterdir():
+      if "tpp_jax" not in entry.name.lower() and not (deps / entry.name).exists():
+        (deps / entry.name).symlink_to(entry)
+  (site / "_test_deps.pth").write_text(f"import site; site.addsitedir({str(deps)!r})\n")
+  pip = path / "bin" / "pip"
+  pip.write_text('#!/bin/sh\nexec "$(dirname "$0")/python" -m pip "$@"\n')
+  pip.chmod(0o755)
+  return python
+
+
+def _install_cells() -> int:
+  """How many code cells run up to and including the install cell."""
+  return 1 + next(i for i, s in enumerate(_code_cells()) if "git clone" in s)
+
+
+@pytest.fixture(scope="module")
+def colab(tmp_path_factory):
+  """The notebook run TINY on CPU from a non-checkout folder (cloning + installing itself), then its set-up rerun."""
+  if not (ROOT / ".git").exists():
+    pytest.skip("not a git checkout: nothing for the notebook to clone")
+  tmp = tmp_path_factory.mktemp("colab")
+  python = _throwaway_venv(tmp / "venv")
+  content = tmp / "content"  # Colab's /content: not a checkout
+  content.mkdir()
+  head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True, capture_output=True,
+                        text=True).stdout.strip()
+  overrides = {"TINY": True, "REPO_URL": ROOT.as_uri(), "REPO_REF": head, "REPO_DIR": str(content / "tpp_jax")}
+  with pytest.MonkeyPatch.context() as mp:
+    mp.chdir(content)
+    mp.setattr(sys, "executable", str(python))  # the kernel's interpreter
+    mp.setenv("PATH", str(python.parent) + os.pathsep + os.environ["PATH"])
+    mp.setenv("VIRTUAL_ENV", str(python.parent.parent))
+    mp.delenv("PYTHONPATH", raising=False)
+    mp.delenv("XLA_FLAGS", raising=False)  # one CPU device, like a CPU runtime
+    mp.setenv("JAX_PLATFORMS", "cpu")
+    mp.setenv("PIP_NO_INDEX", "1")
+    mp.setenv("PIP_NO_BUILD_ISOLATION", "0")  # = --no-build-isolation
+    mp.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    t0 = time.time()
+    ns, commands, shown = run_notebook(overrides, mp)
+    elapsed = time.time() - t0
+    cwd = pathlib.Path.cwd()
+    rerun_ns, rerun_commands, _ = run_notebook(overrides, mp, upto=_install_cells())
+  print(f"notebook (TINY, CPU, clone + pip install): {elapsed:.1f} s")
+  return types.SimpleNamespace(ns=ns, commands=commands, shown=shown, cwd=cwd, python=python, head=head,
+                               repo=content / "tpp_jax", rerun_ns=rerun_ns, rerun_commands=rerun_commands)
+
+
 def test_settings_cell():
   settings = _code_cells()[0]
   ns: dict = {}
   exec(settings, ns)  # noqa: S102 - plain assignments
   assert "SET ME" in settings and "YOUR_USER" in ns["REPO_URL"]  # a clearly marked value the user sets
+  assert ns["REPO_REF"] == "" and ns["REPO_DIR"] == "/content/tpp_jax"
   assert ns["TINY"] is False and ns["RUN_PIPELINE"] is True
   for flag in ("USE_DRIVE", "RUN_HOUSE_BACKBONE", "RUN_MAE_B16", "SHOW_TENSORBOARD"):
     assert ns[flag] is False, flag  # heavy / account-bound cells are opt-in
@@ -126,26 +211,70 @@ def test_heavy_commands_are_behind_flags_and_drive_is_mounted_first():
   assert mount < first_read, "Drive must be mounted before a cell reads a path on it"
 
 
-def test_notebook_runs_tiny_on_cpu(tmp_path, monkeypatch):
-  monkeypatch.chdir(ROOT)  # the notebook opened inside a checkout: no clone, no pip install
-  monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, like a CPU runtime
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  runs = tmp_path / "runs"
-  t0 = time.time()
-  ns, commands, shown = run_notebook({"TINY": True, "RUNS": str(runs)}, monkeypatch)
-  elapsed = time.time() - t0
-  print(f"notebook (TINY, CPU): {elapsed:.1f} s")
+def _mae_b16_cell() -> str:
+  return next(s for s in _code_cells() if "mae_visualize_vit_base.pth" in s)
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpu", "float32"), ("gpu", "bfloat16"), ("tpu", "bfloat16")])
+def test_mae_b16_uses_bf16_only_on_an_accelerator(backend, dtype):
+  ns = {"JAX_BACKEND": backend, "RUN_MAE_B16": False}
+  exec(to_python(_mae_b16_cell()), ns)  # noqa: S102 - the switch is off: only the dtype is resolved
+  assert ns["MAE_B16_DTYPE"] == dtype
+
+
+def test_notebook_clones_installs_and_runs_tiny_on_cpu(colab):
+  ns, commands, repo = colab.ns, colab.commands, colab.repo
   assert ns["BACKEND"] in ("cpu", "gpu", "tpu") and ns["JAX_BACKEND"] == "cpu" and ns["DTYPE"] == "float32"
-  assert not any(c.startswith(("git ", "pip ")) for c in commands), commands
-  mains = [c for c in commands if "-m tpp_jax.main" in c]
-  assert mains == [f"python -m tpp_jax.main --config configs/default.py:smoke --workdir {runs}/demo_tiny"], commands
-  demo = runs / "demo_tiny"
+  accelerator_jax = {"cpu": [], "tpu": ['pip install -q -U "jax[tpu]"'], "gpu": ['pip install -q -U "jax[cuda12]"']}
+  main = "python -m tpp_jax.main --config configs/default.py:smoke --workdir runs/demo_tiny"
+  assert commands == [f"git clone -q {ROOT.as_uri()} {repo}", f"git -C {repo} checkout -q {colab.head}", f"%cd {repo}",
+                      "pip install -q -e .", *accelerator_jax[ns["BACKEND"]], main], commands
+  assert colab.cwd == repo
+  got = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+  assert got == colab.head
+  demo = repo / "runs" / "demo_tiny"
   assert (demo / "report.md").is_file()
-  kinds = [k for k, _ in shown.shown]
+  kinds = [k for k, _ in colab.shown.shown]
   assert kinds == ["markdown", "image", "image"], kinds
-  assert "tpp_finetune" in shown.shown[0][1] and "baseline" in shown.shown[0][1]
-  assert [pathlib.Path(f).name for k, f in shown.shown[1:]] == ["learning_curves.png", "mae_reconstructions.png"]
+  assert "tpp_finetune" in colab.shown.shown[0][1] and "baseline" in colab.shown.shown[0][1]
+  assert [pathlib.Path(f).name for k, f in colab.shown.shown[1:]] == ["learning_curves.png", "mae_reconstructions.png"]
   # TensorBoard (the optional cell's logdir) has the TPP arm's reconstructions beside the scalars
   from test_tensorboard import read_events, summaries
   images = summaries(read_events(demo / "seed_0" / "tpp"), "image")
   assert [tag for tag, _ in images] == ["val/mae_reconstructions"]
+
+
+def test_the_clone_is_the_package_the_notebook_ran(colab):
+  repo = colab.repo
+  # the CLI resolved the packaged demo data and backbone inside the clone's tpp_jax, not this checkout's
+  config = json.loads((repo / "runs" / "demo_tiny" / "config.json").read_text())
+  for path in (config["data"]["path"], config["init"]["path"]):
+    assert pathlib.Path(path).is_relative_to(repo / "tpp_jax" / "assets") and pathlib.Path(path).is_file(), path
+  # the notebook's pip installed tpp_jax into the throw-away venv, editable from the clone: imported from elsewhere
+  # (not the clone's folder), its python finds the clone's package
+  site = next((colab.python.parent.parent / "lib").glob("python*/site-packages"))
+  (dist,) = site.glob("tpp_jax-*.dist-info")
+  direct_url = json.loads((dist / "direct_url.json").read_text())
+  assert direct_url["url"] == repo.as_uri() and direct_url["dir_info"].get("editable"), direct_url
+  code = "import tpp_jax, tpp_jax.configs; print(tpp_jax.__file__); print(tpp_jax.configs.__file__)"
+  r = subprocess.run([str(colab.python), "-c", code], cwd=colab.python.parent, capture_output=True, text=True,
+                     env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  module, configs = r.stdout.split()
+  assert pathlib.Path(module) == repo / "tpp_jax" / "__init__.py", module
+  assert pathlib.Path(configs) == repo / "configs" / "__init__.py", configs
+
+
+def test_mae_b16_cell_resolves_float32_on_cpu(colab):
+  ns = colab.ns
+  assert ns["RUN_MAE_B16"] is False and not any("mae_b16" in c for c in colab.commands)  # optional: stays off
+  assert ns["MAE_B16_DTYPE"] == "float32"
+  (main,) = [line.strip()[1:] for line in _mae_b16_cell().splitlines() if "-m tpp_jax.main" in line]
+  resolved = _expand(main, ns)
+  assert "--config.model.dtype=float32" in resolved and "bfloat16" not in resolved, resolved
+
+
+def test_rerunning_the_install_cell_uses_the_checkout_and_installs_nothing(colab):
+  # the kernel's folder is now the clone: "using the checkout" (no clone, no %cd), and tpp_jax is installed (no pip)
+  assert colab.rerun_commands == [], colab.rerun_commands
+  assert colab.rerun_ns["BACKEND"] == colab.ns["BACKEND"]
