@@ -113,9 +113,9 @@ class DataConfig:
   max_eval_examples: int
   prefetch: int
   cache: str
-  window: tuple[float, float] | None = None
-  slice_axis: int = -1
-  skip_empty_slices: bool = False
+  window: tuple[float, float] | None
+  slice_axis: int
+  skip_empty_slices: bool
 
 
 def _per_channel(value: Any, channels: int, field: str) -> tuple[float, ...]:
