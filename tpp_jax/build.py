@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -105,17 +106,40 @@ def init_params(config, encoder: ViT, objective, sample_batch, rng):
   return (*storage_dtypes(config, params, aux), source)
 
 
-def make_tx(config, labels):
+def lr_hyper(config) -> np.ndarray:
+  """The learning-rate schedule's numbers [peak lr, warm-up steps, total steps, final lr] as float32: an argument of
+  the train step, not constants in it, so runs that differ only in steps / lr / warm-up (a pipeline's
+  compute-matched arm, an lr sweep, an extended run) share one compiled step."""
+  o = config.optim
+  warmup = min(int(o.warmup_steps), max(int(config.steps) - 1, 0))
+  total = max(int(config.steps), warmup + 1)
+  return np.asarray([float(o.lr), warmup, total, float(o.lr) * float(o.min_lr_ratio)], np.float32)
+
+
+def lr_schedule(hyper) -> Callable:
+  """count -> lr: linear warm-up from 0 to the peak, then cosine decay to the final lr at `total` steps (optax's
+  warmup_cosine_decay_schedule, with its numbers read from `hyper` = lr_hyper(config), concrete or traced)."""
+  def schedule(count):
+    peak, warmup, total, end = (hyper[i] for i in range(4))
+    count = jnp.asarray(count, jnp.float32)
+    warm = peak * count / jnp.maximum(warmup, 1.0)
+    decay_steps = total - warmup
+    frac = jnp.clip(count - warmup, 0.0, decay_steps) / decay_steps
+    cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(count < warmup, warm, cosine)
+  return schedule
+
+
+def make_tx(config, labels, hyper=None):
   """AdamW (warmup-cosine lr) on the trainable labels, set_to_zero on frozen ones; returns (tx, schedule).
+  `hyper`: the schedule's numbers (lr_hyper(config) when None; the train step passes its traced argument).
 
   optim.layer_decay < 1: layer-wise lr decay (BEiT / MAE fine-tuning) with L encoder blocks: updates of
   encoder/blocks_i/* are scaled by decay^(L-i), encoder/{patch_embed,cls,pos_embed,reg} by decay^(L+1); the
   rest (encoder/norm, VPT prompts, heads, decoders) keeps the full lr. 1.0 = off (the optimizer state is unchanged).
   """
   o = config.optim
-  warmup = min(int(o.warmup_steps), max(int(config.steps) - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, o.lr, warmup, max(int(config.steps), warmup + 1), end_value=o.lr * o.min_lr_ratio)
+  schedule = lr_schedule(lr_hyper(config) if hyper is None else hyper)
   decay_mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim >= 2, p)
   inner = optax.chain(
       optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
@@ -218,10 +242,11 @@ def build(config, devices=None) -> Built:
   labels = partition.label_tree(params, stages_lib.rules_for(config))
   params, aux = storage_dtypes(config, params, aux, labels)
   tx, schedule = make_tx(config, labels)
+  make_step_tx = functools.partial(make_tx, config, labels)
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params), "aux": aux}
   sharding = state_shardings(state, mesh, bool(config.fsdp))
-  train_step, eval_step = compile_steps(objective, tx, schedule, mesh, sharding, labels,
+  train_step, eval_step = compile_steps(objective, make_step_tx, lr_hyper(config), mesh, sharding, labels,
                                         max_param_norm=float(config.optim.get("max_param_norm", 0.0)),
                                         augment=device_augment.make(config.data))
   return Built(config=config, stage=stage, mesh=mesh, encoder=encoder, objective=objective, init_fn=init_fn,
@@ -246,8 +271,12 @@ def split_trainable(params, labels) -> tuple[dict, dict]:
 AUGMENT_STREAM = 0x61756721  # fold_in constant of the step key's stream for data.augment.on_device
 
 
-def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels, augment=None, max_param_norm: float = 0.0):
+def compile_steps(obj, make_step_tx, hyper, mesh: Mesh, state_sharding, labels, augment=None,
+                  max_param_norm: float = 0.0):
   """The jitted (train_step, eval_step) of an objective and optimizer over `mesh` (traced at the first call).
+
+  `make_step_tx(hyper) -> (tx, schedule)` builds the optimizer inside the step from the lr schedule's numbers
+  `hyper` (lr_hyper), passed in as an argument: train_step(state, batch, base_rng) calls the compiled step with them.
 
   The train step differentiates the trainable leaves only (frozen ones are closed over), so no gradient of a frozen
   backbone weight is ever computed, as with requires_grad=False in PyTorch. `augment` (data.device_augment.make):
@@ -258,7 +287,8 @@ def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels, augment
   repl = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
 
-  def train_step(state, batch, base_rng):
+  def train_step(state, batch, base_rng, hyper):
+    tx, schedule = make_step_tx(hyper)
     step = state["step"]
     rng = jax.random.fold_in(base_rng, step)
     if augment is not None:
@@ -284,8 +314,14 @@ def compile_steps(obj, tx, schedule, mesh: Mesh, state_sharding, labels, augment
   def eval_step(params, aux, batch):
     return obj.eval_outputs(params, aux, batch)
 
-  return (jax.jit(train_step, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
-                  donate_argnums=0),
+  compiled = jax.jit(train_step, in_shardings=(state_sharding, data, repl, repl),
+                     out_shardings=(state_sharding, repl), donate_argnums=0)
+  hyper = jnp.asarray(hyper, jnp.float32)  # as base_rng: an uncommitted array the jit places
+
+  def step_with_schedule(state, batch, base_rng):
+    return compiled(state, batch, base_rng, hyper)
+  step_with_schedule.compiled = compiled  # the jitted step (hyper as its 4th argument)
+  return (step_with_schedule,
           jax.jit(eval_step, in_shardings=(state_sharding["params"], state_sharding["aux"], data)))
 
 
