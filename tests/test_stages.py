@@ -161,3 +161,47 @@ def test_export_backbone_without_the_runs_init_file(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(loaded["encoder"]), jax.tree_util.tree_leaves(enc_ck)):
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4)
   assert (tmp_path / "out" / "reconstructions.png").exists() and not backbone.exists()
+
+
+def test_pretext_head_frozen_trains_only_the_target_params_and_auto_follows_the_checkpoint(tmp_path):
+  """The paper's TPP: with pretext.head=frozen (or auto on a backbone that brings its MAE decoder) the decoder
+  loaded from init.path never changes, the LoRA parameters do; the run records what auto resolved to, resumes
+  under auto, and frozen with nothing to keep is one error."""
+  from tpp_jax import main
+
+  from conftest import run_cli
+  wd = tmp_path / "tpp"
+  arg = ("demo,house,stage=tpp,steps=2,batch_size=16,eval_batch_size=32,eval_every=0,checkpoint_every=0,"
+         "progress=False,data.max_train_examples=64,data.max_eval_examples=32,pretext.head=auto")
+  r = run_cli(["--config", f"configs/experiment.py:{arg}", "--workdir", str(wd)])
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  assert "; pretext head frozen" in r.stdout and "(+ MAE decoder)" in r.stdout, r.stdout[-2000:]
+  import json
+  assert json.loads((wd / "config.json").read_text())["pretext"]["head"] == "frozen"
+  c = load_config("experiment", arg)
+  encoder = build_lib.build_encoder(c)
+  _, loaded_decoder, _ = load_lib.load_backbone(c, encoder)
+  load_lib.forget_loaded()
+  from tpp_jax.checkpoints import restore
+  params = restore.load_run(wd, "latest").params
+  trained, loaded = tree_lib.flatten(params["decoder"]), tree_lib.flatten(loaded_decoder)
+  assert trained.keys() == loaded.keys()
+  for k, v in loaded.items():  # bitwise the house backbone's decoder after 2 steps
+    np.testing.assert_array_equal(np.asarray(trained[k]), np.asarray(v), err_msg=k)
+  lora = [np.asarray(v) for k, v in tree_lib.flatten(params["encoder"]).items() if k.endswith("lora_b")]
+  assert lora and any(np.abs(x).max() > 0 for x in lora)  # lora_b starts at zero: it trained
+  assert main.run(c, str(wd))["steps"] == 2  # auto again: the same run, nothing to do
+  # frozen with nothing to keep: one error naming the fix
+  for bad, why in (("init.path=''", "init.path is empty"), ("pretext.type=dino", "pretext.type='dino' has no head"),
+                   ("init.load_decoder=False", "init.load_decoder=False")):
+    cfg = load_config("experiment", f"demo,house,stage=tpp,pretext.head=frozen,{bad}")
+    with pytest.raises(load_lib.ConfigError, match=rf"pretext.head=frozen .* but {re.escape(why)}.*Use pretext.head="):
+      load_lib.resolve_pretext_head(cfg, build_lib.build_encoder(cfg))
+  # train (the default) and auto without a decoder to keep: the head trains
+  for extra in ("pretext.head=train", "pretext.head=auto,init.load_decoder=False"):
+    cfg = load_config("experiment", f"demo,house,stage=tpp,{extra}")
+    resolved = load_lib.resolve_pretext_head(cfg, build_lib.build_encoder(cfg))
+    labels = build_lib.build(resolved, devices=jax.devices()[:1]).labels
+    decoder = tree_lib.flatten(labels["decoder"])
+    assert {lab for k, lab in decoder.items() if k != "pos_embed"} == {"head"}, extra  # (sin-cos stays fixed)
+  load_lib.forget_loaded()

@@ -49,6 +49,8 @@ def base_config() -> mlc.ConfigDict:
       adapter_dim=8, adapter_scale=0.1, num_prompts=10, deep=False, prompt_dropout=0.0))
   c.pretext = mlc.ConfigDict(dict(
       type="mae", mask_ratio=0.75, norm_pix_loss=True,
+      head="train",              # tpp: the pretext head (MAE decoder, DINO / projection head) train | frozen | auto
+                                 # (frozen when init.path brings it; checkpoints/load.resolve_pretext_head)
       decoder_width=128, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512,
       # DINO
       dino_out_dim=1024, dino_hidden_dim=512, dino_bottleneck_dim=128, teacher_momentum=0.996,
@@ -210,6 +212,9 @@ def _choice(name: str, value: Any, valid) -> None:
     raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}.")
 
 
+PRETEXT_HEADS = ("train", "frozen", "auto")
+
+
 def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   """Checks enums and cross-field consistency; raises ConfigError with the field and the fix."""
   _choice("stage", c.stage, STAGES)
@@ -217,6 +222,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   _choice("pretext.type", c.pretext.type, PRETEXTS)
   _choice("task.type", c.task.type, TASKS)
   _choice("task.head", c.task.head, ("linear", "bn_linear"))
+  _choice("pretext.head", c.pretext.get("head", "train"), PRETEXT_HEADS)
   _choice("data.source", c.data.source, SOURCES)
   _choice("init.format", c.init.format, INIT_FORMATS)
   _choice("model.pooling", c.model.pooling, ("cls", "gap"))

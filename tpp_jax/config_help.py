@@ -76,6 +76,7 @@ peft.prompt_dropout  vpt: dropout on the prompt tokens
 [pretext] the self-supervised objective of stages pretrain / tpp (MAE, DINO, contrastive)
 pretext.type  self-supervised objective of stages pretrain / tpp: {PRETEXTS}
 pretext.mask_ratio  MAE: fraction of the patches masked, in (0, 1)
+pretext.head  tpp: the pretext head train | frozen (kept as loaded from init.path) | auto (frozen when init.path has it)
 pretext.norm_pix_loss  MAE: reconstruct per-patch normalised pixels
 pretext.decoder_width  MAE decoder width (the decoder_* fields must fit init.path's decoder to load it)
 pretext.decoder_depth  MAE decoder blocks

@@ -32,6 +32,7 @@ from tpp_jax.build import (
   FINITE,
   build,
   build_data,
+  build_encoder,
   build_sources,
   global_batch,
   steps_from_epochs,
@@ -68,6 +69,7 @@ class Trainer:
 
   def __init__(self, config: mlc.ConfigDict, workdir: str | os.PathLike, devices=None, sources: dict | None = None):
     config = config_lib.validate(config)
+    config = load_lib.resolve_pretext_head(config, build_encoder(config))  # pretext.head=auto -> train | frozen
     sources = build_sources(config) if sources is None else sources
     self.config = config = steps_from_epochs(config, sources)  # config.epochs > 0: steps from the train split
     self.workdir = pathlib.Path(workdir).absolute()
@@ -93,6 +95,7 @@ class Trainer:
     params, aux = jax.jit(self.built.init_fn)(rng)  # one compiled program, not op by op
     params, aux, self.init_source, self.target_init = load_lib.load_init(config, self.encoder, params, aux,
                                                                           self.labels)
+    load_lib.forget_loaded()
     params, aux = storage_dtypes(config, params, aux, self.labels)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params), "aux": aux}
     self.state = jax.device_put(state, self.state_sharding)
@@ -148,7 +151,8 @@ class Trainer:
     if is_main:
       workdir_lib.trim_metrics(wd, start)  # rows an interrupted run logged past its checkpoint are logged again
     logger = MetricsLogger(wd, c.stage, enabled=is_main, purge_step=start + 1 if start else None)
-    print(f"[{c.stage}] {self.init_source}; {partition.format_counts(self.counts)}")
+    head = "; pretext head frozen" if c.pretext.get("head") == "frozen" and self.stage.objective == "pretext" else ""
+    print(f"[{c.stage}] {self.init_source}; {partition.format_counts(self.counts)}{head}")
 
     steps, log_every = int(c.steps), int(c.log_every)
     # Throughput without a host sync per step (the host reads the next batch while the device runs this one):

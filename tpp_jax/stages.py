@@ -59,14 +59,19 @@ class Stage:
   arms: tuple[Arm, ...] = ()   # comparison stages: the sub-runs of each seed
 
   def rules(self, peft_type: str = "none", fixed_pos_emb: bool = False,
-            train_extra: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """Ordered (regex, label) partition rules; the first match wins (partition.label_tree)."""
+            train_extra: Iterable[str] = (), pretext_head: str = "train") -> list[tuple[str, str]]:
+    """Ordered (regex, label) partition rules; the first match wins (partition.label_tree). `pretext_head`
+    'frozen': a PEFT stage's pretext head (loaded pre-trained) stays frozen: only the target parameters train."""
     if not self.trains:
       raise ValueError(f"Stage {self.name!r} trains nothing and has no partition.")
+    if pretext_head not in ("train", "frozen"):
+      raise ValueError(f"pretext.head={pretext_head!r} must be resolved to 'train' or 'frozen' first "
+                       "(checkpoints/load.resolve_pretext_head).")
     rules: list[tuple[str, str]] = [(FIXED_POS_RE, "frozen")] if fixed_pos_emb else []
     if self.encoder != "frozen":
       rules.append((r"^encoder/", self.encoder))
-    rules.append((self.heads, self.heads_label))
+    frozen_head = pretext_head == "frozen" and self.peft and self.objective == "pretext"
+    rules.append((self.heads, "frozen" if frozen_head else self.heads_label))
     if self.peft:
       rules.append((TARGET_RE, "target"))
       if peft_type == "bitfit":
@@ -140,5 +145,6 @@ def training(name: str) -> Stage:
 def rules_for(config) -> list[tuple[str, str]]:
   """The partition rules of `config` (its stage, peft type, pos-emb and train_extra)."""
   stage = training(config.stage)
+  head = config.pretext.get("head", "train") if stage.peft and stage.objective == "pretext" else "train"
   return stage.rules(stage.peft_type(config), fixed_pos_emb=config.model.pos_emb == "sincos",
-                     train_extra=tuple(config.get("train_extra", ()) or ()))
+                     train_extra=tuple(config.get("train_extra", ()) or ()), pretext_head=head)

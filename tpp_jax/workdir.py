@@ -203,6 +203,8 @@ def check_config(config, workdir):
     return
   old = flatten(config_lib.with_defaults(read_json(cfg_file)), sep=".")  # a field added since: its default
   new = flatten(json.loads(config_lib.to_json(config)), sep=".")
+  if new.get("pretext.head") == "auto" and old.get("pretext.head") in ("train", "frozen"):
+    new["pretext.head"] = old["pretext.head"]  # the run recorded what 'auto' resolved to
   differs = lambda k: old.get(k) != new.get(k) and not moved_path(old.get(k), new.get(k), wd)
   diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and differs(k))
   if diff:

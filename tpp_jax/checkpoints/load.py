@@ -19,6 +19,7 @@ Other stages never read a decoder.
 """
 from __future__ import annotations
 
+import copy
 import pathlib
 
 import jax
@@ -112,11 +113,54 @@ def check_hf_config(config, weights: pathlib.Path, use_decoder: bool):
                       f"{', '.join(bad)}, which the weights do not store. Set {' '.join(fixes)}.")
 
 
+_LOADED: dict = {}  # the last load_backbone result by its inputs: resolve_pretext_head reads it, Trainer.load too
+
+
 def load_backbone(config, encoder) -> tuple[dict | None, dict | None, str]:
   """(encoder leaves, decoder leaves or None, description) from config.init, or (None, None, 'random init').
 
   The decoder is read only when the run trains an MAE decoder and init.load_decoder is set.
   """
+  path = str(config.init.path or "")
+  p = hub.local_path(path) if path and config.init.format != "none" else None
+  key = (path, config.init.format, wants_decoder(config) and bool(config.init.load_decoder), repr(encoder.cfg),
+         p.stat().st_mtime_ns if p is not None and p.exists() else None)
+  if key not in _LOADED:
+    _LOADED.clear()
+    _LOADED[key] = _load_backbone(config, encoder)
+  return _LOADED[key]
+
+
+def forget_loaded():
+  """Drop the kept load_backbone result (its arrays are in the train state by then)."""
+  _LOADED.clear()
+
+
+def resolve_pretext_head(config, encoder):
+  """config with pretext.head 'auto' resolved for a `tpp` run: 'frozen' when init.path brings the pretext head (an
+  MAE decoder; no loader reads a DINO / projection head from a checkpoint), else 'train'. 'frozen' without a head to
+  keep is one ConfigError. Other stages: config as it is."""
+  stage = stages_lib.STAGES.get(config.stage)
+  mode = config.pretext.get("head", "train")
+  if stage is None or not (stage.peft and stage.objective == "pretext") or mode == "train":
+    return config
+  has_head = (wants_decoder(config) and bool(config.init.load_decoder) and bool(str(config.init.path or ""))
+              and config.init.format != "none" and load_backbone(config, encoder)[1] is not None)
+  if mode == "frozen" and not has_head:
+    why = ("pretext.type={!r} has no head a checkpoint brings".format(config.pretext.type)
+           if config.pretext.type != "mae" else "init.path is empty" if not str(config.init.path or "")
+           else "init.load_decoder=False" if not config.init.load_decoder
+           else f"init.path={str(config.init.path)!r} holds no MAE decoder")
+    raise ConfigError(f"pretext.head=frozen keeps a pre-trained pretext head frozen, but {why}: there is nothing to "
+                      "keep. Use pretext.head=train (a new head trains with the target parameters) or auto.")
+  resolved = "frozen" if has_head else "train"
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.pretext.head = resolved
+  return config
+
+
+def _load_backbone(config, encoder) -> tuple[dict | None, dict | None, str]:
   path, fmt = str(config.init.path or ""), config.init.format
   if not path or fmt == "none":
     return None, None, "random init"

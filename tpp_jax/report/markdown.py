@@ -58,9 +58,11 @@ def _peft_desc(cfg: dict) -> str:
 def _pretext_desc(cfg: dict) -> str:
   p = _get(cfg, "pretext", {}) or {}
   t = p.get("type", "")
+  head = f", head {p.get('head', 'train')}" + (" (frozen: only the target parameters train)"
+                                                if p.get("head") == "frozen" else "")
   if t == "mae":
-    return f"mae (mask ratio {p.get('mask_ratio')}, norm_pix_loss {p.get('norm_pix_loss')})"
-  return str(t)
+    return f"mae (mask ratio {p.get('mask_ratio')}, norm_pix_loss {p.get('norm_pix_loss')}{head})"
+  return f"{t} ({head[2:]})"
 
 
 def _setup_lines(records: Sequence[dict], top_cfg: dict | None) -> list[str]:
