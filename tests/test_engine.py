@@ -233,3 +233,32 @@ def test_bf16_model_stores_frozen_weights_in_bf16_with_the_same_numbers(tmp_path
   r = run_cli(["--config", f"configs/experiment.py:{arg}", "--workdir", str(tmp_path / "auto")],
               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
   assert r.returncode == 0 and f"Resumed {tmp_path / 'auto'} at step 4" in r.stdout, r.stderr[-2000:]
+
+
+def test_patience_stops_at_convergence_keeps_the_best_and_resumes_to_the_same_stop(tmp_path):
+  """patience=P: the run stops at the first evaluation that is the P-th in a row without a new best val metric
+  (recomputed here from metrics.jsonl), keeps the best, reports converged_at; a run stopped earlier (stop_after)
+  and resumed stops at the same step with the same rows."""
+  arg = ("demo,smoke,px32,stage=full,steps=40,eval_every=2,checkpoint_every=2,log_every=2,patience=2,"
+         "optim.lr=3e-3,optim.warmup_steps=2,eval_splits=('val',)")
+  wd, resumed = tmp_path / "run", tmp_path / "resumed"
+  summary = main.run(load_config("experiment", arg), str(wd))
+  rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  val = [(r["step"], r["auc"]) for r in rows if r.get("split") == "val"]
+  best_step, best, stop = None, None, None
+  for step, auc in val:  # the rule, written out: stop once 2 evaluations in a row brought no new best
+    if best is None or auc > best:
+      best_step, best = step, auc
+    elif (step - best_step) // 2 >= 2:
+      stop = step
+      break
+  assert stop is not None and stop < 40, val  # it converged before the cap
+  assert summary["converged_at"] == stop and summary["steps"] == 40
+  assert summary["best"]["step"] == best_step and summary["best"]["value"] == best
+  assert max(r["step"] for r in rows) == stop  # nothing trained past the stop
+  assert main.run(load_config("experiment", arg), str(wd))["converged_at"] == stop  # finished: nothing to do
+  main.run(load_config("experiment", arg + f",stop_after={stop - 2}"), str(resumed))
+  again = main.run(load_config("experiment", arg), str(resumed))
+  assert again["converged_at"] == stop and again["final"] == summary["final"]
+  drop = lambda r: {k: v for k, v in r.items() if k not in ("wall_time_s", "images_per_sec")}
+  assert [drop(json.loads(x)) for x in (resumed / "metrics.jsonl").read_text().splitlines()] == [drop(r) for r in rows]

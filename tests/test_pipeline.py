@@ -98,3 +98,31 @@ def test_moved_path_is_only_a_path_inside_the_run_that_moved():
   assert not moved_path("/old/pipe/seed_0/tpp", "/elsewhere/pipe/seed_0/tpp", wd)  # not where this run is
   assert not moved_path("/same/seed_0/tpp", "/same/seed_0/tpp", wd) and not moved_path("a/b/c", "d/b/c", wd)
   assert not moved_path(1, 2, wd)
+
+
+def test_a_converged_budget_stops_each_labelled_arm_and_matches_the_control_to_the_tpp_finetune(tmp_path):
+  """pipeline.budget=converged through the CLI: tpp_finetune and baseline stop by pipeline.patience (cap: steps),
+  the TPP arm keeps its tpp_steps, baseline_matched trains tpp_steps + the steps the TPP fine-tune trained, and the
+  printed table gives each arm's steps."""
+  from conftest import run_cli
+  wd = tmp_path / "pipe"
+  arg = ("smoke,steps=16,pipeline.tpp_steps=4,eval_every=2,pipeline.budget=converged,pipeline.patience=1,"
+         "pipeline.compute_matched=True,optim.lr=3e-3")
+  r = run_cli(["--config", f"configs/default.py:{arg}", "--workdir", str(wd)])
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  s = {arm: json.loads((wd / "seed_0" / arm / "summary.json").read_text())
+       for arm in ("tpp", "tpp_finetune", "baseline", "baseline_matched")}
+  assert s["tpp"]["steps"] == 4 and s["tpp"]["config"]["patience"] == 0
+  for arm in ("tpp_finetune", "baseline"):
+    assert s[arm]["config"]["patience"] == 1 and s[arm]["steps"] == 16
+    trained = s[arm]["converged_at"] or 16
+    rows = [json.loads(line) for line in (wd / "seed_0" / arm / "metrics.jsonl").read_text().splitlines()]
+    assert max(row["step"] for row in rows) == trained
+  ft = s["tpp_finetune"]["converged_at"] or 16
+  assert ft < 16  # it did stop before the cap (patience 1 on this seed)
+  assert s["baseline_matched"]["steps"] == 4 + ft and s["baseline_matched"]["config"]["patience"] == 0
+  assert s["baseline_matched"]["converged_at"] is None
+  header = next(line for line in r.stdout.splitlines() if line.startswith("arm "))
+  assert header.endswith("steps (each seed)"), r.stdout[-1500:]
+  matched = next(line for line in r.stdout.splitlines() if line.startswith("baseline_matched "))
+  assert matched.endswith(f"  {4 + ft}"), matched

@@ -77,6 +77,7 @@ def base_config() -> mlc.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 100
   c.stop_after = 0             # stop (with a checkpoint) after this step; rerun resumes (0 = off)
+  c.patience = 0               # converged: stop when this many evaluations in a row brought no new best (0 = off)
   c.keep_checkpoints = 2
   c.best_metric = ""           # e.g. 'auc' or 'dice'; '' = task default
   c.train_extra = ()           # regexes of backbone leaves to train too (finetune/tpp)
@@ -99,7 +100,9 @@ def base_config() -> mlc.ConfigDict:
   # their pretext and pipeline.tpp_* fields (e.g. the DINO row of a table shares the MAE row's baselines).
   c.pipeline = mlc.ConfigDict(dict(tpp_steps=200, tpp_lr=1e-3, tpp_batch_size=64, report=True,
                                    label_fractions=(1.0,), compute_matched=False, brackets=False,
-                                   full_lr=0.0, controls_from=""))
+                                   full_lr=0.0, controls_from="",
+                                   budget="fixed",  # fixed | converged: labelled arms stop at convergence
+                                   patience=3))     # converged: evaluations without a new best before stopping
   return c
 
 
@@ -245,6 +248,18 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   for f in ("compute_matched", "brackets"):
     if not isinstance(c.pipeline[f], bool):
       raise ConfigError(f"pipeline.{f}={c.pipeline[f]!r} must be True or False.")
+  _choice("pipeline.budget", c.pipeline.get("budget", "fixed"), ("fixed", "converged"))
+  if int(c.get("patience", 0)) < 0 or int(c.pipeline.get("patience", 3)) < 1:
+    raise ConfigError(f"patience={c.get('patience')} must be >= 0 and pipeline.patience="
+                      f"{c.pipeline.get('patience')} >= 1 (evaluations without a new best before stopping).")
+  if (c.pipeline.get("budget", "fixed") == "converged" and c.pipeline.compute_matched
+      and str(c.pipeline.controls_from or "")):
+    raise ConfigError("pipeline.budget=converged matches baseline_matched to this pipeline's own TPP fine-tune, so "
+                      "it cannot be shared through pipeline.controls_from: set pipeline.compute_matched=False here, "
+                      "or drop controls_from.")
+  if int(c.get("patience", 0)) and not int(c.eval_every):
+    raise ConfigError(f"patience={c.patience} stops after evaluations without a new best, but eval_every=0 never "
+                      "evaluates during training: set --config.eval_every (e.g. 50), or patience=0.")
   if float(c.pipeline.full_lr) < 0:
     raise ConfigError(f"pipeline.full_lr={c.pipeline.full_lr} must be >= 0 (0: the full fine-tune uses optim.lr).")
   if not 0.0 < float(c.optim.layer_decay) <= 1.0:

@@ -33,6 +33,7 @@ eval_batch_size  global evaluation batch size
 log_every  log training metrics (metrics.jsonl, TensorBoard, progress bar) every N steps
 checkpoint_every  save a checkpoint every N steps; 0 = only at the end (and when stopped)
 stop_after  stop with a checkpoint after this step; rerunning the command resumes (0 = off)
+patience  stop (converged) after this many evaluations in a row without a new best val metric; steps = cap (0 = off)
 keep_checkpoints  how many of the newest checkpoints DIR/checkpoints keeps (best/ is kept apart)
 best_metric  val metric that picks the best/ checkpoint, e.g. 'auc' or 'dice'; '' = the objective's default
 train_extra  regexes of frozen backbone leaves to train too (stages finetune / tpp)
@@ -157,6 +158,8 @@ pipeline.label_fractions  fine-tune arms run once per labelled fraction F of the
 pipeline.compute_matched  add arm baseline_matched: the baseline trained tpp_steps + steps steps
 pipeline.brackets  add arms linear (task head only) and full (backbone + head), as the baseline otherwise
 pipeline.full_lr  optim.lr of the full fine-tune bracket (0 = the baseline's optim.lr)
+pipeline.budget  fixed (every labelled arm trains `steps`) | converged (each stops by pipeline.patience, cap `steps`)
+pipeline.patience  budget=converged: evaluations without a new best before a labelled arm stops
 pipeline.controls_from  a pipeline workdir whose control arms (baseline, linear, full, ...) this one reuses
 """
 

@@ -164,8 +164,8 @@ class Trainer:
     bar = progress(range(start, stop), desc=c.stage, enabled=bool(c.progress) and is_main, initial=start,
                    total=steps)
     self._unchecked = []  # (step, all_finite flag) not read back yet: checked before anything is saved
-    done = start
-    for step in bar:
+    done, converged, last_val = start, self._converged(start, best), None
+    for step in ([] if converged else bar):  # (converged already: an interrupted run stopped at its checkpoint)
       batch = next(it)
       self.state, mets = self.train_step(self.state, global_batch(batch, self.mesh), self.base_rng)
       done = step + 1
@@ -187,8 +187,11 @@ class Trainer:
         bar.set_postfix(loss=f"{float(mets['loss']):.4f}", img_s=f"{ips:.0f}")
       if c.eval_every and done % int(c.eval_every) == 0 and done != steps:
         self._check_finite(store)
-        best = self._eval_and_keep_best(done, logger, store, best)
+        best, last_val = self._eval_and_keep_best(done, logger, store, best)
         window = None
+        if self._converged(done, best):
+          converged = True
+          break
       if c.checkpoint_every and done % int(c.checkpoint_every) == 0 and done != steps:
         self._save(store, done, it)
         window = None
@@ -199,29 +202,37 @@ class Trainer:
         name = signal.Signals(signum).name
         raise Interrupted(f"{name}: stopped at step {done} of {steps} after saving checkpoint step {done} in "
                           f"{wd / 'checkpoints'}; rerun the same command to resume.", signum)
-    if stop < steps:  # a deliberate stop (stop_after): checkpoint and leave; rerun to resume
+    if stop < steps and not converged:  # a deliberate stop (stop_after): checkpoint and leave; rerun to resume
       self._save(store, stop, it, force=True)
       store.close()
       logger.close()
       print(f"Stopped at step {stop} of {steps} (stop_after); rerun the same command to resume.")
       return {"stage": c.stage, "stopped_at": stop}
+    end = done if converged else steps
+    if converged:
+      print(f"Converged at step {end} of {steps}: {int(c.patience)} evaluations without a new best "
+            f"{self.best_metric} (best {best['value']:.4g} at step {best['step']}).", flush=True)
     if done > start:
-      self._save(store, steps, it, force=True)
+      self._save(store, end, it, force=True)
     final = {}
     for split in c.eval_splits:
       if split in self.sources:
+        if split == "val" and last_val is not None and last_val[0] == end:  # just evaluated and logged
+          final[split] = last_val[1]
+          continue
         final[split] = self.evaluate(split)
-        logger.log(steps, split, final[split])
-    if final:
+        logger.log(end, split, final[split])
+    if final and not converged:
       split = "val" if "val" in final else next(iter(final))
-      logger.log_images(steps, split, lambda: figures.eval_images(self, split))
+      logger.log_images(end, split, lambda: figures.eval_images(self, split))
     if "val" in final:
-      best = self._keep_best(steps, final["val"], store, best)
-    best_final = self._best_final(store, best, final, steps)
+      best = self._keep_best(end, final["val"], store, best)
+    best_final = self._best_final(store, best, final, end)
     store.close()
     images_per_sec = float(c.batch_size) * timed_steps / t_timed if t_timed else None
     summary = {
         "stage": c.stage, "config": c.to_dict(), config_lib.HISTORY_KEY: self.config_history, "steps": steps,
+        "converged_at": end if converged else None,  # patience: the step it stopped at (steps = the cap)
         "params": {k: self.counts[k] for k in ("total", "trainable", "target", "head", "backbone")},
         "init": self.init_source, "target_init": self.target_init,
         "final": final, "best": best, "best_final": best_final,
@@ -250,12 +261,21 @@ class Trainer:
     store.save(step, self.state, {"data_iter": it.get_state()}, force=force)
 
   def _eval_and_keep_best(self, step, logger, store, best):
+    """-> (best, (step, val metrics) or None)."""
     if "val" not in self.sources:
-      return best
+      return best, None
     res = self.evaluate("val")
     logger.log(step, "val", res)
     logger.log_images(step, "val", lambda: figures.eval_images(self, "val"))  # MAE reconstructions / overlays
-    return self._keep_best(step, res, store, best)
+    return self._keep_best(step, res, store, best), (step, res)
+
+  def _converged(self, step: int, best) -> bool:
+    """config.patience > 0: `patience` evaluations in a row, up to this one at `step`, kept no new best. Read from
+    the best checkpoint's step alone, so a resumed run decides as the uninterrupted one did."""
+    patience, every = int(self.config.get("patience", 0)), int(self.config.eval_every)
+    if not patience or not every or best is None or not step or step % every:
+      return False
+    return (step - int(best["step"])) // every >= patience
 
   def _keep_best(self, step, res, store, best):
     if not self.stage.keeps_best or self.best_metric not in res or not math.isfinite(res[self.best_metric]):

@@ -87,12 +87,20 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
         with c.unlocked():
           c.optim.lr = float(p.tpp_lr)
           c.eval_every = 0
+          c.patience = 0  # the TPP budget is pipeline.tpp_steps
       else:
         c = derive(stage=arm.stage, target_init=target_init)
+      converged = p.get("budget", "fixed") == "converged" and labelled[arm.name]
       with c.unlocked():
         c.data.label_fraction = fraction if labelled[arm.name] else 1.0
+        if converged and not arm.plus_steps:
+          c.patience = int(p.patience)  # stops at convergence, `steps` is its cap
         if arm.plus_steps:
-          c.steps = int(c.steps) + int(_field(config, arm.plus_steps))
+          own = int(c.steps)
+          if converged:  # the compute-matched control: TPP's steps + the steps the TPP fine-tune trained
+            own = finetune_steps(workdir / f"seed_{seed}" / (f"{frac}/tpp_finetune" if frac else "tpp_finetune"))
+            own = int(c.steps) if own is None else own
+          c.steps = own + int(_field(config, arm.plus_steps))
         if arm.lr and float(_field(config, arm.lr)):
           c.optim.lr = float(_field(config, arm.lr))
         for dotted, value in arm.overrides:
@@ -103,6 +111,20 @@ def arm_configs(config, seed: int, workdir: pathlib.Path) -> dict:
           node[leaf] = value
       out[name] = c
   return out
+
+
+def finetune_steps(run: pathlib.Path) -> int | None:
+  """The steps a finished arm trained (its convergence step under patience), None before it finished."""
+  path = run / "summary.json"
+  if not path.exists():
+    return None
+  summary = json.loads(path.read_text())
+  return int(summary.get("converged_at") or summary["steps"])
+
+
+def waits_for_finetune(config, arm: str) -> bool:
+  """A converged budget's compute-matched arm: its steps are known once the TPP fine-tune has finished."""
+  return config.pipeline.get("budget", "fixed") == "converged" and arm.split("/")[-1] == "baseline_matched"
 
 
 def is_control(arm_config) -> bool:
@@ -246,7 +268,7 @@ def run(config, workdir) -> dict:
     seeds = [int(config.seed) + i for i in range(int(config.seeds))]
     for seed in seeds:  # every arm that exists must accept its config before anything is written
       for arm, cfg in arm_configs(config, seed, wd).items():
-        if int(cfg.get("epochs", 0)):  # (epochs: the steps are known once the arm builds its data)
+        if int(cfg.get("epochs", 0)) or waits_for_finetune(config, arm):  # (steps known later: checked then)
           continue
         if source is None or not is_control(cfg):
           workdir_lib.check_config(cfg, wd / f"seed_{seed}" / arm)
@@ -268,6 +290,8 @@ def run(config, workdir) -> dict:
         summaries[(seed, arm)] = run_shared_control(cfg, wd, source, seed, arm)
       else:
         print(f"== seed {seed}: {arm} ==", flush=True)
+        if waits_for_finetune(config, arm):  # the TPP fine-tune has finished by now: its steps are known
+          cfg = arm_configs(config, seed, wd)[arm]
         summaries[(seed, arm)] = engine.train(cfg, wd / f"seed_{seed}" / arm)
       if "stopped_at" in summaries[(seed, arm)]:  # stop_after: the arm checkpointed; the rest waits for a rerun
         print(f"Pipeline stopped in seed {seed}: {arm} (stop_after); rerun the same command to resume.")
@@ -304,10 +328,14 @@ def comparison_table(summaries: dict, task: str) -> str:
   ranked = sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 3), kv[0][1]))
   labelled = [(f"{arm} ({100 * -neg:g}% labels)" if multi else arm, group) for (neg, arm), group in ranked]
   width = max([14] + [len(label) for label, _ in labelled])
-  lines = [f"{'arm':{width}s} " + " ".join(f"{k:>18s}" for k in keys)]
+  stopped = any(s.get("converged_at") is not None or int(s.get("config", {}).get("patience", 0) or 0)
+                for _, group in labelled for s in group)
+  lines = [f"{'arm':{width}s} " + " ".join(f"{k:>18s}" for k in keys) + ("  steps (each seed)" if stopped else "")]
   for label, group in labelled:
     vals = {k: [s["final"].get("test", {}).get(k, np.nan) for s in group] for k in keys}
-    lines.append(f"{label:{width}s} " + " ".join(f"{fmt(vals[k]):>18s}" for k in keys))
+    trained = " ".join(str(s.get("converged_at") or s.get("steps")) for s in group)
+    lines.append(f"{label:{width}s} " + " ".join(f"{fmt(vals[k]):>18s}" for k in keys)
+                 + (f"  {trained}" if stopped else ""))
   return "\n".join(lines)
 
 
