@@ -220,6 +220,10 @@ def seg_run(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
   return folder / "run", folder / "data"
 
 
+CLS_RUN_ARG = ("demo,smoke,px32,stage=full,steps=30,optim.lr=3e-3,optim.warmup_steps=5,task.class_weights=True,"
+               "data.max_eval_examples=0,eval_splits=('test',)")
+
+
 @pytest.fixture(scope="session")
 def cls_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
   """(run folder, its eval.json test metrics) of a tiny classification run on the shipped demo X-rays (full
@@ -227,8 +231,7 @@ def cls_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
   through the CLI."""
   def make(folder):
     from tpp_jax import main
-    c = load_config("experiment", "demo,smoke,px32,stage=full,steps=30,optim.lr=3e-3,optim.warmup_steps=5,"
-                                  "task.class_weights=True,data.max_eval_examples=0,eval_splits=('test',)")
+    c = load_config("experiment", CLS_RUN_ARG)
     main.run(c, str(folder / "run"))
     r = run_cli(["--config", "configs/experiment.py:stage=eval,eval_splits=('test',),eval_checkpoint=latest",
                  "--workdir", str(folder / "run")])
