@@ -58,7 +58,7 @@ def load_run(run_dir, checkpoint: str = "best", batch_size: int | None = None) -
 
 
 def train(config, workdir) -> dict:
-  """Run `config` (an ml_collections ConfigDict, e.g. `tpp_jax.config.load_config_file("configs/default.py:smoke")`)
+  """Run `config` (an ml_collections ConfigDict, e.g. `load_config("configs/default.py:smoke")`)
   in `workdir`, as the CLI does: a single stage or the whole pipeline, resuming what is there; -> its summary."""
   from tpp_jax import main
   return main.run(config, str(workdir))
@@ -70,9 +70,9 @@ def load_config(spec: str, **overrides):
   from tpp_jax.config import load_config_file
   config = load_config_file(spec)
   for key, value in overrides.items():
-    node, *path = key.split("__")
-    target = config
-    for part in [node, *path][:-1]:
-      target = target[part]
-    target[([node, *path])[-1]] = value
+    *parents, leaf = key.split("__")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
   return config
