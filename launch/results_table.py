@@ -1,12 +1,18 @@
-"""The README's results tables, from the pipelines `launch/results.sh` wrote: one Markdown table per checkpoint.
+"""docs/results.md's study tables, from the pipelines `launch/results.sh` wrote.
 
   python launch/results_table.py [OUT=runs/results]
 
-Every pipeline folder under OUT (one with seed_*/ arms) gives one block of rows: data (test split size), PEFT,
-TPP pretext, metric, both arms' mean ± std over seeds, the paired TPP − baseline difference with its 95% CI, the
-paired t-test p and the verdict, all from `tpp_jax.report` (the same numbers as each folder's report.md and
-comparison.json). Rows for `TPP − baseline_matched` follow when the pipeline ran pipeline.compute_matched, and the
-linear-probe / full fine-tune brackets (pipeline.brackets) get their own table. Test split only.
+OUT holds one folder per row: {pn,kv}_lora (TPP 200 steps with the pretext head trained, the baseline, the
+compute-matched baseline, both fine-tune arms again on 5 % of the labels), {pn,kv}_frozen (the pretext head frozen)
+and {pn,kv}_tpp1000 (TPP 1,000 steps); pn = chest X-ray pneumonia (AUC), kv = Kvasir-SEG (Dice). Printed:
+
+1. The comparisons, test split, for the checkpoint selected by validation and for the final step: per data set the
+   paired difference of the primary metric over seeds (mean, 95 % CI, paired t-test p) and the p adjusted with Holm
+   over all the table's comparisons (both data sets); the verdict is read from the adjusted p at the 5 % level.
+2. The steps each arm trained before patience stopped it (the cap is `steps`).
+3. The head start: the best validation metric reached by 25 / 50 / 100 % of the cap, TPP against the baseline.
+
+Rows and seeds that are missing are left out (a study still running prints what it has).
 """
 from __future__ import annotations
 
@@ -15,81 +21,147 @@ import sys
 
 import numpy as np
 
-from tpp_jax import report
+from tpp_jax import report, stats
 
-METRICS = {"classification": ("accuracy", "auc"), "segmentation": ("dice", "iou")}
-NAMES = {"accuracy": "accuracy", "auc": "AUC", "dice": "Dice", "iou": "IoU", "balanced_accuracy": "balanced acc.",
-         "macro_f1": "macro-F1"}
-PEFT = {"lora": "LoRA r=8 q,v", "adapter": "adapter d=8"}
+DATA = {"pn": ("chest X-ray pneumonia", "auc", "AUC"), "kv": ("Kvasir-SEG polyps", "dice", "Dice")}
+# (label, (row, arm, labelled fraction) minus (row, arm, fraction), names of the two sides for the verdict)
+COMPARISONS = (
+    ("TPP − baseline", ("lora", "tpp_finetune", 1.0), ("lora", "baseline", 1.0), ("TPP", "baseline")),
+    ("TPP − compute-matched baseline", ("lora", "tpp_finetune", 1.0), ("lora", "baseline_matched", 1.0),
+     ("TPP", "matched baseline")),
+    ("TPP (head frozen) − baseline", ("frozen", "tpp_finetune", 1.0), ("lora", "baseline", 1.0), ("TPP", "baseline")),
+    ("head frozen − head trained", ("frozen", "tpp_finetune", 1.0), ("lora", "tpp_finetune", 1.0),
+     ("frozen head", "trained head")),
+    ("TPP 1,000 steps − baseline", ("tpp1000", "tpp_finetune", 1.0), ("lora", "baseline", 1.0), ("TPP", "baseline")),
+    ("TPP 1,000 − 200 steps", ("tpp1000", "tpp_finetune", 1.0), ("lora", "tpp_finetune", 1.0),
+     ("1,000 steps", "200 steps")),
+    ("5 % labels: TPP − baseline", ("lora", "tpp_finetune", 0.05), ("lora", "baseline", 0.05), ("TPP", "baseline")),
+)
+ARMS = (("baseline", ("lora", "baseline", 1.0)),
+        ("compute-matched baseline", ("lora", "baseline_matched", 1.0)),
+        ("TPP 200, head trained", ("lora", "tpp_finetune", 1.0)),
+        ("TPP 200, head frozen", ("frozen", "tpp_finetune", 1.0)),
+        ("TPP 1,000, head trained", ("tpp1000", "tpp_finetune", 1.0)),
+        ("5 % labels: baseline", ("lora", "baseline", 0.05)),
+        ("5 % labels: TPP 200", ("lora", "tpp_finetune", 0.05)))
 
 
 def _ms(values) -> str:
-  v = np.asarray(values, float)
+  v = np.asarray(list(values), float)
   return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if v.size > 1 else (f"{v[0]:.4f}" if v.size else "n/a")
 
 
-DATA = {"pneumonia_cxr_128.npz": "chest X-ray pneumonia (624)", "kvasir_seg_256": "Kvasir-SEG polyps (80)",
-        "demo_cxr_64.npz": "demo chest X-ray (624)"}
+def load(out: pathlib.Path) -> dict:
+  """{(data, row): records} of the row folders present under OUT."""
+  found = {}
+  for data in DATA:
+    for row in ("lora", "frozen", "tpp1000"):
+      folder = out / f"{data}_{row}"
+      if folder.is_dir():
+        found[(data, row)] = report.collect([folder])
+  return found
 
 
-def _data_name(records) -> str:
-  path = pathlib.Path(str(report._get(records[0]["config"], "data.path", ""))).name
-  return DATA.get(path, path)
+def runs(found: dict, data: str, side: tuple) -> dict:
+  """{seed: record} of one arm (row, arm, fraction) of a data set."""
+  row, arm, fraction = side
+  return {r["seed"]: r for r in found.get((data, row), []) if r["arm"] == arm and r["fraction"] == fraction}
 
 
-def pipelines(out: pathlib.Path) -> list[pathlib.Path]:
-  return sorted(p for p in out.iterdir() if p.is_dir() and any(p.glob("seed_*")))
+def comparisons(found: dict, source: str) -> list[dict]:
+  """Every comparison with both sides present: paired over the seeds both have, Holm-adjusted over the list."""
+  out = []
+  for data, (_, key, _) in DATA.items():
+    for label, a_side, b_side, names in COMPARISONS:
+      a, b = runs(found, data, a_side), runs(found, data, b_side)
+      seeds = sorted(s for s in set(a) & set(b) if key in a[s][source].get("test", {})
+                     and key in b[s][source].get("test", {}))
+      if len(seeds) < 2:
+        continue
+      av = [a[s][source]["test"][key] for s in seeds]
+      bv = [b[s][source]["test"][key] for s in seeds]
+      out.append({"data": data, "label": label, "names": names, "a": av, "b": bv,
+                  **stats.paired_comparison(av, bv)})
+  for c, adjusted in zip(out, stats.holm([c["p"] for c in out])):
+    c["p_holm"] = adjusted
+  return out
 
 
-def paired_rows(run_dir: pathlib.Path, source: str) -> list[str]:
-  records = report.collect([run_dir])
-  if not records:  # a pipeline still at its first arm
-    return []
-  pretext = next((r["pretext"] for r in records if r["role"] == "tpp"), "")
-  data = _data_name([r for r in records if r["role"] != "tpp"] or records)
-  rows = []
-  for c in report.paired_comparisons(records, "test", 0.95, source):
-    if c["metric"] not in METRICS[c["task"]] or c["fraction"] != 1.0:
-      continue
-    ci = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
-    p = "n/a" if c["p"] is None else f"{c['p']:.3g}"
-    diff = "n/a" if c["mean_diff"] is None else f"{c['mean_diff']:+.4f}"
-    name = pretext if pretext == "contrastive" else pretext.upper()
-    rows.append(f"| {data} | {PEFT.get(c['peft'], c['peft'])} | {name} | {c['comparison']} | {NAMES[c['metric']]} | "
-                f"{c['n']} | {_ms(c['baseline_values'])} | "
-                f"{_ms(c['tpp_values'])} | {diff} | {ci} | {p} | {c['verdict']} |")
-  return rows
+def _verdict(c: dict) -> str:
+  if c["p_holm"] is None or not c["p_holm"] < 0.05 or c["mean_diff"] == 0:
+    return "no detectable difference"
+  return f"{c['names'][0] if c['mean_diff'] > 0 else c['names'][1]} better"
 
 
-def bracket_rows(run_dir: pathlib.Path) -> list[str]:
-  records = report.collect([run_dir])
-  if not records:
-    return []
-  data = _data_name([r for r in records if r["role"] != "tpp"] or records)
-  rows = []
-  for arm in ("linear", "baseline", "baseline_matched", "tpp_finetune", "full"):
-    runs = [r for r in records if r["arm"] == arm and r["fraction"] == 1.0]
-    if not runs or not any(r["arm"] in ("linear", "full") for r in records):
-      continue
-    task = runs[0]["task"]
-    cells = [_ms([r["final"]["test"][k] for r in runs if k in r["final"].get("test", {})]) for k in METRICS[task]]
-    rows.append(f"| {data} | {arm} | {len(runs)} | " + " | ".join(cells) + " |")
-  return rows
+def comparison_table(found: dict, source: str) -> str:
+  lines = ["| data | comparison | metric | n | first | second | difference | 95% CI | p | Holm p | verdict |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+  for c in comparisons(found, source):
+    name, _, metric = DATA[c["data"]]
+    lines.append(f"| {name} | {c['label']} | {metric} | {c['n']} | {_ms(c['a'])} | {_ms(c['b'])} | "
+                 f"{c['mean_diff']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['p']:.3g} | "
+                 f"{c['p_holm']:.3g} | {_verdict(c)} |")
+  return "\n".join(lines)
+
+
+def _trained(r: dict) -> int:
+  return int(r["converged_at"] or r["steps"])
+
+
+def steps_table(found: dict) -> str:
+  lines = ["| data | arm | n | steps trained: mean | min – max | stopped by patience |",
+           "|---|---|---:|---:|---:|---:|"]
+  for data, (name, _, _) in DATA.items():
+    for label, side in ARMS:
+      group = list(runs(found, data, side).values())
+      if group:
+        steps = [_trained(r) for r in group]
+        stopped = sum(r["converged_at"] is not None for r in group)
+        lines.append(f"| {name} | {label} | {len(group)} | {np.mean(steps):.0f} | {min(steps)} – {max(steps)} | "
+                     f"{stopped} of {len(group)} |")
+  return "\n".join(lines)
+
+
+def best_by(r: dict, key: str, step: int) -> float | None:
+  """The best validation metric reached by `step` (the checkpoint a run stopped there would keep)."""
+  values = [row[key] for row in r["rows"] if row.get("split") == "val" and key in row and row["step"] <= step]
+  return max(values) if values else None
+
+
+def head_start_table(found: dict) -> str:
+  lines = ["| data | TPP arm | n | by step | baseline | TPP | difference | p |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for data, (name, key, metric) in DATA.items():
+    base = runs(found, data, ("lora", "baseline", 1.0))
+    for label, side in ARMS[2:5]:
+      tpp = runs(found, data, side)
+      seeds = sorted(set(base) & set(tpp))
+      if len(seeds) < 2:
+        continue
+      cap = int(base[seeds[0]]["config"]["steps"])
+      for step in (cap // 4, cap // 2, cap):
+        bv = [best_by(base[s], key, step) for s in seeds]
+        tv = [best_by(tpp[s], key, step) for s in seeds]
+        c = stats.paired_comparison(tv, bv)
+        if c["n"] < 2:  # no evaluation by then
+          continue
+        p = "n/a" if c["p"] is None else f"{c['p']:.3g}"
+        cells = " | ".join(_ms(v for v in vs if v is not None) for vs in (bv, tv))
+        lines.append(f"| {name} ({metric}, val) | {label} | {c['n']} | {step} | {cells} | {c['mean_diff']:+.4f} | "
+                     f"{p} |")
+  return "\n".join(lines)
 
 
 def main(argv=None):
   out = pathlib.Path((argv or sys.argv[1:] or ["runs/results"])[0])
-  head = ("| data (test images) | PEFT | pretext | comparison | metric | n | baseline | TPP → fine-tune | difference | "
-          "95% CI | p | verdict |\n|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
-  for source, title in (("final", "final step"), ("best_final", "checkpoint selected by validation")):
-    print(f"\n#### Test split, {title}\n\n{head}")
-    print("\n".join(row for d in pipelines(out) for row in paired_rows(d, source)))
-  brackets = [row for d in pipelines(out) for row in bracket_rows(d)]
-  if brackets:
-    print("\n#### Brackets: linear probe and full fine-tune beside the PEFT arms (test split, final step)\n\n"
-          "| data (test images) | arm | n | accuracy / Dice | AUC / IoU |\n|---|---|---:|---:|---:|")
-    print("\n".join(brackets))
-  print("\n_paired t-test over seeds, two-sided, 95 % level (tpp_jax.report); mean ± std over seeds._")
+  found = load(out)
+  for source, title in (("best_final", "checkpoint selected by validation"), ("final", "final step")):
+    print(f"\n#### Test split, {title}\n\n{comparison_table(found, source)}")
+  print("\n_paired t-test over seeds (two-sided); Holm p: adjusted over all the comparisons of the table; verdict at "
+        "the 5 % level of the adjusted p; first / second: mean ± std over seeds of the two sides._")
+  print(f"\n#### Steps trained (pipeline.budget=converged)\n\n{steps_table(found)}")
+  print(f"\n#### Head start: best validation metric by 25 / 50 / 100 % of the cap\n\n{head_start_table(found)}")
+  print("\n_p: paired t-test over seeds, not adjusted (descriptive)._")
 
 
 if __name__ == "__main__":

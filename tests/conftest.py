@@ -3,6 +3,7 @@ shared-data locator."""
 import atexit
 import csv
 import io
+import itertools
 import json
 import os
 import shutil
@@ -129,6 +130,22 @@ def sp_stats():
       raise
     pytest.skip("scipy (the reference for the paired statistics) is not installed: pip install scipy")
   return stats
+
+
+def holm_by_closed_testing(p):
+  """Holm's adjusted p-values by their other definition, the reference for stats.holm: closed testing with
+  Bonferroni local tests. H_i's adjusted p is the largest, over every subset S holding i, of |S| * min(p_j, j in S)
+  (capped at 1): a brute force over all subsets."""
+  m = len(p)
+  out = []
+  for i in range(m):
+    worst = 0.0
+    for k in range(1, m + 1):
+      for s in itertools.combinations(range(m), k):
+        if i in s:
+          worst = max(worst, min(1.0, k * min(p[j] for j in s)))
+    out.append(worst)
+  return out
 
 
 def torch_sdpa(q, k, v, w):

@@ -7,6 +7,8 @@ import pytest
 
 from tpp_jax import stats
 
+from conftest import holm_by_closed_testing
+
 try:
   from scipy import special as sp_special
   from scipy import stats as sp_stats
@@ -161,3 +163,19 @@ def test_mean_ci_matches_scipy_t_interval(n):
   one = stats.mean_ci([0.7])
   assert one["mean"] == 0.7 and one["n"] == 1 and math.isnan(one["ci_low"]) and math.isnan(one["std"])
   assert stats.mean_ci([])["n"] == 0
+
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_holm_equals_closed_testing_with_bonferroni(seed):
+  rng = np.random.default_rng(seed)
+  p = list(rng.uniform(0, 0.2, size=7) ** 2)
+  if seed == 0:
+    p[3] = p[1]  # ties
+  np.testing.assert_allclose(stats.holm(p), holm_by_closed_testing(p), rtol=0, atol=1e-15)
+
+
+def test_holm_skips_missing_tests():
+  # R: p.adjust(c(0.01, 0.04, 0.03, 0.005), "holm") = 0.03 0.06 0.06 0.02
+  assert stats.holm([0.01, None, 0.04, 0.03, 0.005]) == pytest.approx([0.03, None, 0.06, 0.06, 0.02])
+  assert stats.holm([]) == [] and stats.holm([None]) == [None]

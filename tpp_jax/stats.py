@@ -189,3 +189,19 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict:
     half = t_isf((1.0 - level) / 2.0, n - 1) * sd / math.sqrt(n)
     out.update(std=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
   return out
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+  """Holm's step-down adjusted p-values (family-wise error control over all the tests given).
+
+  The i-th smallest of m p-values becomes max over j <= i of min(1, (m - j + 1) * p_(j)); a test is rejected at
+  level a when its adjusted p < a. None (a test that could not run) stays None and does not count in m.
+  """
+  idx = [i for i, p in enumerate(p_values) if p is not None]
+  m = len(idx)
+  out: list[float | None] = [None] * len(p_values)
+  running = 0.0
+  for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):
+    running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+    out[i] = running
+  return out

@@ -73,7 +73,9 @@ def _shell_vars(text: str) -> dict[str, str]:
 def _substitute(text: str, variables: dict[str, str]) -> str:
   def sub(m):
     return variables.get(m.group(1) or m.group(2), m.group(0))
-  return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
+  for _ in range(4):  # variables that name variables
+    text = re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
+  return text
 
 
 def _logical_lines(text: str) -> list[str]:
@@ -299,57 +301,48 @@ def _results_dry_run(tmp_path, **env) -> str:
 
 
 def test_results_lanes_run_every_row_once_on_their_own_cores(tmp_path):
-  """launch/results.sh: LANES=2 splits the rows in two pinned lanes (disjoint cores), LANES=1 runs them in one;
-  the `fractions` rerun of pneumonia_lora comes right after it, in the same lane."""
+  """launch/results.sh: LANES=2 runs the X-ray rows and the Kvasir rows in two pinned lanes (disjoint cores), each
+  lane's own *_lora row (whose baseline the others share) first; LANES=1 runs them in one."""
   if not shutil.which("taskset"):
     pytest.skip("taskset (util-linux) is not installed")
   two = _results_dry_run(tmp_path, LANES="2")
   lanes = [chunk.strip().splitlines() for chunk in re.split(r"^lane \d:$", two, flags=re.M)[1:]]
   assert len(lanes) == 2
-  workdirs = [re.search(r"--workdir (\S+)", line).group(1) for lane in lanes for line in lane]
-  rows = ["pneumonia_lora", "pneumonia_lora", "kvasir_lora", "pneumonia_adapter", "pneumonia_lora_contrastive",
-          "pneumonia_lora_dino", "probe_house", "probe_random"]  # pneumonia_lora twice: its run, then `fractions`
-  assert sorted(pathlib.Path(w).name for w in workdirs) == sorted(rows)
   lane_of = [[pathlib.Path(re.search(r"--workdir (\S+)", line).group(1)).name for line in lane] for lane in lanes]
-  first = next(names for names in lane_of if "pneumonia_lora" in names)
-  at = first.index("pneumonia_lora")
-  assert first[at + 1] == "pneumonia_lora" and "label_fractions=(0.05,1.0)" in two, first
+  assert lane_of == [["pn_lora", "pn_frozen", "pn_tpp1000"], ["kv_lora", "kv_frozen", "kv_tpp1000"]]
   pins = [{re.match(r"taskset -c (\S+) ", line).group(1) for line in lane} for lane in lanes]
   assert all(len(p) == 1 for p in pins) and pins[0] != pins[1], pins
   one = _results_dry_run(tmp_path, LANES="1")
-  assert "taskset" not in one and len(one.strip().splitlines()) == len(rows)
+  assert "taskset" not in one and len(one.strip().splitlines()) == 6
   assert "seeds=5," in one and "seeds=3," in _results_dry_run(tmp_path, LANES="1", SEEDS="3")
 
 
-def test_results_rows_that_reuse_a_workdir_or_share_controls_fit_it(tmp_path):
-  """The `fractions` row resumes pneumonia_lora's workdir (only resumable fields differ), and the DINO / contrastive
-  rows' control arms are the ones pneumonia_lora runs (pipeline.controls_from accepts them)."""
+@pytest.mark.parametrize("data", ["pn", "kv"])
+def test_results_rows_share_their_baseline_and_differ_where_the_study_says(tmp_path, data):
+  """The *_frozen and *_tpp1000 rows' control arm is the one *_lora runs (pipeline.controls_from accepts it); they
+  differ from it only in the pretext head and the TPP length; every labelled arm stops at convergence."""
   from tpp_jax import config as config_lib
   from tpp_jax import pipeline
-  from tpp_jax import workdir as workdir_lib
 
-  def configs(row: str) -> dict:
-    r = subprocess.run(["bash", str(LAUNCH / "results.sh"), str(tmp_path / "out"), row], capture_output=True,
-                       text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DRY_RUN": "1"}, cwd=ROOT)
+  def config(row: str):
+    r = subprocess.run(["bash", str(LAUNCH / "results.sh"), str(tmp_path / "out"), f"{data}_{row}"],
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                                            "DRY_RUN": "1"}, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    out = {}
-    for line in r.stdout.strip().splitlines():
-      args = shlex.split(line)
-      spec = args[args.index("--config") + 1]
-      out[args[args.index("--workdir") + 1]] = config_lib.load_config_file(str(ROOT / spec))
-    return out
+    args = shlex.split(r.stdout.strip())
+    return args[args.index("--workdir") + 1], config_lib.load_config_file(str(ROOT / args[args.index("--config") + 1]))
 
-  (wd, lora), = configs("pneumonia_lora").items()
+  wd, lora = config("lora")
+  assert (lora.pipeline.budget, lora.pipeline.compute_matched, tuple(lora.pipeline.label_fractions)) == (
+      "converged", True, (0.05, 1.0))
+  assert lora.pretext.head == "train" and lora.pipeline.tpp_steps == 200
   pathlib.Path(wd).mkdir(parents=True)
   (pathlib.Path(wd) / "config.json").write_text(config_lib.to_json(lora))
-  (wd2, fractions), = configs("fractions").items()
-  assert wd2 == wd and tuple(fractions.pipeline.label_fractions) == (0.05, 1.0)
-  workdir_lib.check_config(fractions, wd)  # resumes pneumonia_lora: its TPP arms are reused
-  for row in ("pneumonia_lora_dino", "pneumonia_lora_contrastive"):
-    (_, shared), = configs(row).items()
+  for row, field, value in (("frozen", "head", "frozen"), ("tpp1000", "tpp_steps", 1000)):
+    _, shared = config(row)
+    assert (shared.pretext if field == "head" else shared.pipeline)[field] == value
     assert shared.pipeline.controls_from == wd
     arms = pipeline.arm_configs(shared, 0, tmp_path / row)
     controls = [a for a, c in arms.items() if pipeline.is_control(c)]
-    assert controls == ["baseline", "baseline_matched"], controls
-    for arm in controls:
-      pipeline.shared_control_config(arms[arm], pathlib.Path(wd), 0, arm)  # raises if any other field differed
+    assert controls == ["baseline"], controls
+    pipeline.shared_control_config(arms["baseline"], pathlib.Path(wd), 0, "baseline")  # raises if a field differed

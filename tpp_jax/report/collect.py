@@ -72,6 +72,7 @@ def _record(run: pathlib.Path) -> dict:
       "pretext": str(_get(cfg, "pretext.type", "")), "config": cfg,
       "final": summary.get("final") or {}, "best": summary.get("best"), "best_final": summary.get("best_final") or {},
       "params": summary.get("params") or {}, "steps": summary.get("steps", _get(cfg, "steps")),
+      "converged_at": summary.get("converged_at"),
       "init": summary.get("init"), "target_init": target_init,
       "images_per_sec": summary.get("images_per_sec"), "wall_time_s": summary.get("wall_time_s"),
       "rows": read_jsonl(run / "metrics.jsonl"),
@@ -94,8 +95,9 @@ def collect(run_dirs: Iterable) -> list[dict]:
     seed, stage, fraction (data.label_fraction: the labelled fraction of the train split, 1.0 for pretext runs),
     train_examples (summary.json data.train_examples, None before it was recorded), peft, task, pretext, config,
     final ({split: metrics}), best ({step, metric, value} or None), best_final ({split: metrics} of the best
-    checkpoint; {} when none was kept or the summary predates it), params, steps, init, target_init,
-    images_per_sec, wall_time_s and rows (metrics.jsonl). Sorted by arm then seed; a run reached twice is listed once.
+    checkpoint; {} when none was kept or the summary predates it), params, steps, converged_at (the step patience
+    stopped at, else None), init, target_init, images_per_sec, wall_time_s and rows (metrics.jsonl). Sorted by arm
+    then seed; a run reached twice is listed once.
   """
   if isinstance(run_dirs, (str, os.PathLike)):
     run_dirs = [run_dirs]
