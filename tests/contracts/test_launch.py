@@ -302,27 +302,34 @@ def _results_dry_run(tmp_path, **env) -> str:
 
 def test_results_lanes_run_every_row_once_on_their_own_cores(tmp_path):
   """launch/results.sh: LANES=2 runs the X-ray rows and the Kvasir rows in two pinned lanes (disjoint cores), each
-  lane's own *_lora row (whose baseline the others share) first; LANES=1 runs them in one."""
+  lane's own *_lora row (whose baseline the others share) first, then its 5 % label rerun; LANES=1 runs them in one;
+  SEEDS="3 5" runs every row with 3 seeds, then again with 5."""
   if not shutil.which("taskset"):
     pytest.skip("taskset (util-linux) is not installed")
   two = _results_dry_run(tmp_path, LANES="2")
   lanes = [chunk.strip().splitlines() for chunk in re.split(r"^lane \d:$", two, flags=re.M)[1:]]
   assert len(lanes) == 2
   lane_of = [[pathlib.Path(re.search(r"--workdir (\S+)", line).group(1)).name for line in lane] for lane in lanes]
-  assert lane_of == [["pn_lora", "pn_frozen", "pn_tpp1000"], ["kv_lora", "kv_frozen", "kv_tpp1000"]]
+  assert lane_of == [["pn_lora", "pn_lora", "pn_frozen", "pn_tpp1000"],
+                     ["kv_lora", "kv_lora", "kv_frozen", "kv_tpp1000"]]
   pins = [{re.match(r"taskset -c (\S+) ", line).group(1) for line in lane} for lane in lanes]
   assert all(len(p) == 1 for p in pins) and pins[0] != pins[1], pins
   one = _results_dry_run(tmp_path, LANES="1")
-  assert "taskset" not in one and len(one.strip().splitlines()) == 6
-  assert "seeds=5," in one and "seeds=3," in _results_dry_run(tmp_path, LANES="1", SEEDS="3")
+  assert "taskset" not in one and len(one.strip().splitlines()) == 8
+  assert all(",seeds=5 " in line for line in one.strip().splitlines())
+  passes = _results_dry_run(tmp_path, LANES="1", SEEDS="3 5").strip().splitlines()
+  assert [line.count(",seeds=3 ") for line in passes] == ([1] * 4 + [0] * 4) * 2  # per lane: 3 seeds, then 5
+  assert [line for line in passes if ",seeds=5 " in line] == one.strip().splitlines()
 
 
 @pytest.mark.parametrize("data", ["pn", "kv"])
 def test_results_rows_share_their_baseline_and_differ_where_the_study_says(tmp_path, data):
-  """The *_frozen and *_tpp1000 rows' control arm is the one *_lora runs (pipeline.controls_from accepts it); they
-  differ from it only in the pretext head and the TPP length; every labelled arm stops at convergence."""
+  """The *_fractions row resumes the *_lora workdir (only resumable fields differ); the *_frozen and *_tpp1000 rows'
+  control arm is the one *_lora runs (pipeline.controls_from accepts it); they differ from it only in the pretext
+  head and the TPP length; every labelled arm stops at convergence."""
   from tpp_jax import config as config_lib
   from tpp_jax import pipeline
+  from tpp_jax import workdir as workdir_lib
 
   def config(row: str):
     r = subprocess.run(["bash", str(LAUNCH / "results.sh"), str(tmp_path / "out"), f"{data}_{row}"],
@@ -333,11 +340,13 @@ def test_results_rows_share_their_baseline_and_differ_where_the_study_says(tmp_p
     return args[args.index("--workdir") + 1], config_lib.load_config_file(str(ROOT / args[args.index("--config") + 1]))
 
   wd, lora = config("lora")
-  assert (lora.pipeline.budget, lora.pipeline.compute_matched, tuple(lora.pipeline.label_fractions)) == (
-      "converged", True, (0.05, 1.0))
+  assert (lora.pipeline.budget, lora.pipeline.compute_matched, lora.pipeline.patience) == ("converged", True, 2)
   assert lora.pretext.head == "train" and lora.pipeline.tpp_steps == 200
   pathlib.Path(wd).mkdir(parents=True)
   (pathlib.Path(wd) / "config.json").write_text(config_lib.to_json(lora))
+  wd2, fractions = config("fractions")
+  assert wd2 == wd and tuple(fractions.pipeline.label_fractions) == (0.05, 1.0)
+  workdir_lib.check_config(fractions, wd)  # resumes *_lora: its TPP arms are reused
   for row, field, value in (("frozen", "head", "frozen"), ("tpp1000", "tpp_steps", 1000)):
     _, shared = config(row)
     assert (shared.pretext if field == "head" else shared.pipeline)[field] == value
