@@ -192,14 +192,19 @@ def shared_run(tmp_path_factory, name: str, make) -> pathlib.Path:
   return folder
 
 
-# configs/default.py:smoke with the bracket arms (linear probe, full fine-tune), evaluated every step
-SMOKE_PIPELINE_ARG = "smoke,pipeline.brackets=True,eval_every=1"
+# configs/default.py:smoke with every comparison arm: the brackets (linear probe, full fine-tune), the compute-matched
+# baseline and a 25 % label fraction, evaluated every step
+SMOKE_PIPELINE_ARG = ("smoke,pipeline.brackets=True,eval_every=1,pipeline.compute_matched=True,"
+                      "pipeline.label_fractions=(0.25,1.0)")
+SMOKE_PIPELINE_ARMS = ("tpp", "tpp_finetune", "baseline", "baseline_matched", "linear", "full",
+                       *(f"frac_0.25/{a}" for a in ("tpp_finetune", "baseline", "baseline_matched", "linear", "full")))
 
 
 @pytest.fixture(scope="session")
 def smoke_pipeline(tmp_path_factory) -> pathlib.Path:
-  """The product's front door through the CLI: the default smoke pipeline (house backbone, tpp, tpp_finetune,
-  baseline, linear, full; report.md)."""
+  """The product's front door through the CLI, trained once for the pipeline, bracket, label-efficiency and
+  shared-control tests: the default smoke pipeline (house backbone) with every arm of SMOKE_PIPELINE_ARMS and
+  report.md. Tests read it; one that changes a pipeline works on a copy."""
   def make(folder):
     r = run_cli(["--config", f"configs/default.py:{SMOKE_PIPELINE_ARG}", "--workdir", str(folder / "run")])
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

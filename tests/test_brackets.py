@@ -96,13 +96,14 @@ def test_report_shows_the_brackets_and_the_best_by_validation_tables(brackets_ru
     peft = "none" if a in ("linear", "full") else "lora"
     final, best = s[a]["final"]["test"]["auc"], s[a]["best_final"]["test"]["auc"]
     steps, best_step = s[a]["steps"], s[a]["best"]["step"]
-    assert f"| `{a}` | {peft} | 1 |" in main and f"| {final:.4f} ± n/a | {steps} | {best_step} | {best:.4f} ± n/a |" \
-        in main, a
+    assert f"| `{a}` | {peft} | 100% | 1 |" in main, a
+    assert f"| {final:.4f} ± n/a | {steps} | {best_step} | {best:.4f} ± n/a |" in main, a
     assert f"| {best:.4f} ± n/a | {steps} | {best_step} |" in selected, a
   assert "| best step (TPP / baseline) | TPP − baseline | 95% CI | p | verdict |" in selected
   assert "**Brackets**" in md and "`linear` (linear probe" in md
   data = json.loads((brackets_run / "comparison.json").read_text())
-  sel = data["selected_by_validation"]["splits"]["test"]
+  sel = [e for e in data["selected_by_validation"]["splits"]["test"]  # (also: 25 % labels, baseline_matched)
+         if e["fraction"] == 1.0 and e["baseline"] == "baseline"]
   assert [e["metric"] for e in sel] == ["accuracy", "balanced_accuracy", "macro_f1", "auc"]
   auc = sel[-1]
   assert auc["checkpoint"] == "best" and auc["tpp_values"] == [s["tpp_finetune"]["best_final"]["test"]["auc"]]

@@ -7,13 +7,13 @@ import pytest
 
 from tpp_jax import build as build_lib
 from tpp_jax import config as config_lib
-from tpp_jax import main, pipeline, report
+from tpp_jax import pipeline, report
 from tpp_jax.data import pipeline as data_pipeline
 
-from conftest import load_config, run_cli
+from conftest import SMOKE_PIPELINE_ARG, load_config
 
-ARGS = "smoke,pipeline.label_fractions=(0.25,1.0),pipeline.compute_matched=True"
-FT_ARMS = ("tpp_finetune", "baseline", "baseline_matched")
+ARGS = SMOKE_PIPELINE_ARG  # label fractions (0.25, 1.0), the compute-matched baseline and the brackets
+FT_ARMS = ("tpp_finetune", "baseline", "baseline_matched", "linear", "full")
 
 
 class _Labels:
@@ -88,11 +88,12 @@ def test_bad_fractions_are_refused_with_the_fix(arg, match):
     config_lib.validate(load_config("default", arg))
 
 
-def test_cli_pipeline_with_label_fractions_and_compute_matched_baseline(tmp_path):
-  wd = tmp_path / "run"
-  one_device = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # nothing here depends on the device count
-  r = run_cli(["--config", f"configs/default.py:{ARGS}", "--workdir", str(wd)], env=one_device)
-  assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+def test_cli_pipeline_with_label_fractions_and_compute_matched_baseline(smoke_pipeline):
+  """The shared smoke pipeline (conftest.SMOKE_PIPELINE_ARG, through the CLI): every fine-tune arm once per label
+  fraction on the same stratified subset, one TPP arm per seed on every training image, baseline_matched trained
+  tpp_steps + steps, and the report's label-efficiency section. (Its rerun finding every arm finished:
+  tests/test_pipeline.py.)"""
+  wd = smoke_pipeline
   seed = wd / "seed_0"
   assert sorted(p.name for p in seed.iterdir()) == sorted(["tpp", *FT_ARMS, "frac_0.25"])
   assert sorted(p.name for p in (seed / "frac_0.25").iterdir()) == sorted(FT_ARMS)
@@ -130,10 +131,6 @@ def test_cli_pipeline_with_label_fractions_and_compute_matched_baseline(tmp_path
   assert data["label_fractions"] == [0.25, 1.0]
   assert {(e["fraction"], e["baseline"]) for e in data["label_efficiency"]["test"]} == {
       (f, b) for f in (0.25, 1.0) for b in ("baseline", "baseline_matched")}
-  # the same command again: every arm (fractions included) is found finished, nothing is retrained
-  before = {p: p.stat().st_mtime_ns for p in seed.rglob("summary.json")}
-  main.run(load_config("default", ARGS), str(wd))
-  assert {p: p.stat().st_mtime_ns for p in seed.rglob("summary.json")} == before and len(before) == 7
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,6 +139,7 @@ def test_cli_pipeline_with_label_fractions_and_compute_matched_baseline(tmp_path
 
 
 FRACS = {0.1: 40, 1.0: 400}
+FAKE_ARMS = ("tpp_finetune", "baseline", "baseline_matched")
 AUC = {  # (fraction, arm): per-seed test auc
     (0.1, "tpp_finetune"): [0.81, 0.78, 0.84, 0.80], (0.1, "baseline"): [0.70, 0.74, 0.71, 0.69],
     (0.1, "baseline_matched"): [0.72, 0.73, 0.75, 0.70],
@@ -174,7 +172,7 @@ def _fake_pipeline(root: pathlib.Path):
   for s in range(4):
     _fake_run(root / f"seed_{s}" / "tpp", "tpp", s, 1.0)
     for f in FRACS:
-      for arm in FT_ARMS:
+      for arm in FAKE_ARMS:
         _fake_run(root / f"seed_{s}" / (f"frac_{f:g}" if f < 1 else "") / arm, arm, s, f)
 
 

@@ -8,12 +8,13 @@ import pytest
 from tpp_jax import engine, evaluate, figures, pipeline
 from tpp_jax.checkpoints import store
 
-from conftest import SMOKE_PIPELINE_ARG, load_config
+from conftest import SMOKE_PIPELINE_ARG, SMOKE_PIPELINE_ARMS, load_config
 
 
 def test_default_smoke_pipeline_writes_report_and_all_arms(smoke_pipeline):
-  wd = smoke_pipeline  # configs/default.py:smoke with the bracket arms, through the CLI (conftest)
-  arms = ("tpp", "tpp_finetune", "baseline", "linear", "full")
+  wd = smoke_pipeline  # configs/default.py:smoke with every comparison arm, through the CLI (conftest)
+  arms = SMOKE_PIPELINE_ARMS
+  assert sorted(str(p.parent.relative_to(wd / "seed_0")) for p in (wd / "seed_0").rglob("summary.json")) == sorted(arms)
   for arm in arms[:3]:
     s = json.loads((wd / "seed_0" / arm / "summary.json").read_text())
     assert s["stage"] == ("tpp" if arm == "tpp" else "finetune")
@@ -27,8 +28,8 @@ def test_default_smoke_pipeline_writes_report_and_all_arms(smoke_pipeline):
     assert (wd / png).stat().st_size > 1000 and png in report
   assert "tpp_finetune" in report and "baseline" in report
 
-  # a rerun of the finished pipeline reuses every arm: nothing is retrained, re-evaluated or rewritten; a figure a
-  # kill tore (here: emptied) is drawn again
+  # a rerun of the finished pipeline reuses every arm (label fractions included): nothing is retrained, re-evaluated
+  # or rewritten; a figure a kill tore (here: emptied) is drawn again
   summaries = {a: (wd / "seed_0" / a / "summary.json") for a in arms}
   before = {a: (p.stat().st_mtime_ns, p.read_text()) for a, p in summaries.items()}
   (wd / "mae_reconstructions.png").write_bytes(b"")
@@ -84,7 +85,7 @@ def test_a_copied_pipeline_resumes_where_it_is_now(smoke_pipeline, tmp_path, cap
   assert old_ft["target_init"] == str(smoke_pipeline / "seed_0" / "tpp")  # the old place
   capsys.readouterr()
   out = pipeline.run(load_config("default", SMOKE_PIPELINE_ARG), copy)
-  assert capsys.readouterr().out.count("nothing to do") == 5
+  assert capsys.readouterr().out.count("nothing to do") == len(SMOKE_PIPELINE_ARMS)
   assert out["runs"]["seed_0/tpp_finetune"] == json.loads((copy / "seed_0" / "tpp_finetune" / "summary.json")
                                                           .read_text())["final"]
 

@@ -17,16 +17,17 @@ from tpp_jax import workdir as workdir_lib
 from conftest import load_config, one_error_line, run_cli
 
 MAE = "smoke,pipeline.compute_matched=True"
-CONTRASTIVE = MAE + ",pretext.type=contrastive"
+# the arms it shares with the smoke pipeline (conftest.SMOKE_PIPELINE_ARG: evaluated every step) are configured alike
+CONTRASTIVE = "smoke,eval_every=1,pipeline.compute_matched=True,pretext.type=contrastive"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path, str]:
-  """(the MAE pipeline, the contrastive pipeline sharing its controls, the latter's stdout)."""
+def runs(tmp_path_factory, smoke_pipeline) -> tuple[pathlib.Path, pathlib.Path, str]:
+  """(the MAE pipeline: a copy of the shared smoke pipeline, the contrastive pipeline sharing its controls, the
+  latter's stdout)."""
   root = tmp_path_factory.mktemp("shared")
   src, dst = root / "mae", root / "contrastive"
-  r = run_cli(["--config", f"configs/default.py:{MAE}", "--workdir", str(src)])
-  assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+  shutil.copytree(smoke_pipeline, src, symlinks=True)
   r = run_cli(["--config", f"configs/default.py:{CONTRASTIVE},pipeline.controls_from={src}", "--workdir", str(dst)])
   assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
   return src, dst, r.stdout
@@ -86,10 +87,10 @@ def test_controls_that_would_differ_are_refused_with_one_error_and_nothing_writt
   line = one_error_line(r)
   assert "pipeline.controls_from" in line and "optim.lr" in line and "pretext.*" in line, line
   assert not wd.exists()
-  r = run_cli(["--config", f"configs/default.py:{CONTRASTIVE},pipeline.brackets=True,pipeline.controls_from={src}",
-               "--workdir", str(wd)])
+  r = run_cli(["--config", f"configs/default.py:{CONTRASTIVE},pipeline.label_fractions=(0.5,1.0),"
+               f"pipeline.controls_from={src}", "--workdir", str(wd)])
   line = one_error_line(r)
-  assert "does not run arm 'linear'" in line, line
+  assert "does not run arm 'frac_0.5/baseline'" in line, line
   assert not wd.exists()
   r = run_cli(["--config", f"configs/default.py:{CONTRASTIVE},pipeline.controls_from={tmp_path / 'nothing'}",
                "--workdir", str(wd)])
