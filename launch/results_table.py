@@ -10,7 +10,8 @@ and {pn,kv}_tpp1000 (TPP 1,000 steps); pn = chest X-ray pneumonia (AUC), kv = Kv
    paired difference of the primary metric over seeds (mean, 95 % CI, paired t-test p) and the p adjusted with Holm
    over all the table's comparisons (both data sets); the verdict is read from the adjusted p at the 5 % level.
 2. The steps each arm trained before patience stopped it (the cap is `steps`).
-3. The head start: the best validation metric reached by 25 / 50 / 100 % of the cap, TPP against the baseline.
+3. The head start: the best validation metric reached by 25 / 50 / 100 % of the cap (rounded down to an evaluated
+   step), TPP against the baseline.
 
 Rows and seeds that are missing are left out (a study still running prints what it has).
 """
@@ -138,8 +139,9 @@ def head_start_table(found: dict) -> str:
       seeds = sorted(set(base) & set(tpp))
       if len(seeds) < 2:
         continue
-      cap = int(base[seeds[0]]["config"]["steps"])
-      for step in (cap // 4, cap // 2, cap):
+      cfg = base[seeds[0]]["config"]
+      cap, every = int(cfg["steps"]), int(cfg.get("eval_every") or 1)
+      for step in sorted({max(every, f * cap // 4 // every * every) for f in (1, 2, 4)}):  # evaluated steps
         bv = [best_by(base[s], key, step) for s in seeds]
         tv = [best_by(tpp[s], key, step) for s in seeds]
         c = stats.paired_comparison(tv, bv)
