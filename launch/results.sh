@@ -3,8 +3,9 @@
 # MAE pretext), 5 seeds, chest X-ray pneumonia (AUC) and Kvasir-SEG polyps (Dice) from ../shared/data:
 #   *_lora      TPP 200 steps (pretext head trained) -> fine-tune, the baseline, the compute-matched baseline
 #               (TPP's 200 steps + the TPP fine-tune's own)
-#   *_fractions the *_lora workdir again with pipeline.label_fractions=(0.05,1.0): its TPP arms reused, both
-#               fine-tune arms again on a stratified 5 % of the training labels (no compute-matched arm there)
+#   *_fractions the *_lora workdir again with pipeline.label_fractions: its TPP arms reused, both fine-tune arms again
+#               on a stratified 5 % of the training labels (Kvasir: 10 %, 28 images; 5 % is 14, under one batch of
+#               16), no compute-matched arm there
 #   *_frozen    the same TPP with the pretext head (the backbone's MAE decoder) frozen: only LoRA trains
 #   *_tpp1000   TPP 1,000 steps (head trained)
 # The *_frozen and *_tpp1000 rows share their row's baseline (pipeline.controls_from: linked, checked equal).
@@ -39,17 +40,17 @@ STUDY="house,stage=pipeline,peft.type=lora,pipeline.budget=converged,pipeline.pa
 PN="pneumonia,$STUDY,steps=300,batch_size=32,data.augment.hflip=False,best_metric=auc,optim.lr=6e-3"
 KV="kvasir,$STUDY,steps=300,batch_size=16,pipeline.tpp_batch_size=32,optim.lr=3e-3,task.seg_decoder_dim=64"
 MAIN="pipeline.tpp_steps=200,pipeline.compute_matched=True"
-FRACTIONS="pipeline.tpp_steps=200,pipeline.label_fractions=(0.05,1.0)"
+FRACTIONS="pipeline.tpp_steps=200,pipeline.label_fractions"
 FROZEN="pipeline.tpp_steps=200,pretext.head=frozen"
 LONG="pipeline.tpp_steps=1000"
 row() {
   case "$1" in
     pn_lora) run "configs/experiment.py:$PN,$MAIN" "$OUT/$1" ;;
-    pn_fractions) run "configs/experiment.py:$PN,$FRACTIONS" "$OUT/pn_lora" ;;
+    pn_fractions) run "configs/experiment.py:$PN,$FRACTIONS=(0.05,1.0)" "$OUT/pn_lora" ;;
     pn_frozen) run "configs/experiment.py:$PN,$FROZEN,pipeline.controls_from=$OUT/pn_lora" "$OUT/$1" ;;
     pn_tpp1000) run "configs/experiment.py:$PN,$LONG,pipeline.controls_from=$OUT/pn_lora" "$OUT/$1" ;;
     kv_lora) run "configs/experiment.py:$KV,$MAIN" "$OUT/$1" ;;
-    kv_fractions) run "configs/experiment.py:$KV,$FRACTIONS" "$OUT/kv_lora" ;;
+    kv_fractions) run "configs/experiment.py:$KV,$FRACTIONS=(0.1,1.0)" "$OUT/kv_lora" ;;
     kv_frozen) run "configs/experiment.py:$KV,$FROZEN,pipeline.controls_from=$OUT/kv_lora" "$OUT/$1" ;;
     kv_tpp1000) run "configs/experiment.py:$KV,$LONG,pipeline.controls_from=$OUT/kv_lora" "$OUT/$1" ;;
     *) echo "unknown row '$1' (rows: ${LANE_ROWS[*]})" >&2; exit 2 ;;
